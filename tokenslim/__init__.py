@@ -1,0 +1,28 @@
+"""tokenslim: make timm Vision Transformers faster without retraining.
+
+The one-liner::
+
+    import timm, tokenslim
+    model = timm.create_model("vit_base_patch16_224", pretrained=True)
+    tokenslim.patch(model, r=16)   # ToMe: merge 16 tokens in every block
+"""
+from .ops import source_matrix, unmerge
+from .schedule import ReductionSettings, RSpec, TokenPlan, parse_r, plan_tokens
+from .timm_vit import MergeTrace, is_patched, patch, trace_merges, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MergeTrace",
+    "ReductionSettings",
+    "RSpec",
+    "TokenPlan",
+    "is_patched",
+    "parse_r",
+    "patch",
+    "plan_tokens",
+    "source_matrix",
+    "trace_merges",
+    "unmerge",
+    "unpatch",
+]

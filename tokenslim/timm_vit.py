@@ -1,0 +1,410 @@
+"""The only module that knows timm: patching ``VisionTransformer`` models for token reduction.
+
+Design:
+
+* The model's class is swapped for a subclass (:class:`TokenSlimVisionTransformer`, or the
+  distilled variant) that overrides ``forward_features`` and ``forward_intermediates`` only.
+  Blocks and attention modules are left as they are; the patched forward runs their sub-modules
+  through :func:`reducing_block`, so ``state_dict`` keys, ``load_state_dict``, ``deepcopy`` and
+  pickling are untouched.
+* Per-call state (sizes, source map) is passed from block to block as local values, never stored
+  on modules: two threads can share a model and ``torch.compile`` sees no side effects.
+* Until the first merge a block runs as timm's own ``Block.forward``: at ``r=0`` the patched
+  model performs exactly the calls of the unpatched one, fused attention included.
+* ``forward_features`` expands merged tokens back over the patches they hold (one gather through
+  the source map). The output has the unpatched shape; timm's own pooling over it is the
+  size-weighted pooling (mean, max, ``map`` attention pooling with proportional attention), and
+  ``forward_head(forward_features(x))`` needs no side channel for the sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers.attention import Attention
+from timm.models._features import feature_take_indices
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from .ops import bipartite_soft_matching, merge_tokens, size_log_bias, unmerge, update_source
+from .schedule import ReductionSettings, RSpec, TokenPlan
+
+TIMM_MIN = (1, 0, 28)
+TIMM_MAX = (1, 0, 31)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def check_timm_version(version: Optional[str] = None) -> None:
+    """Raise a clear error unless the installed timm is a release tokenslim is tested against."""
+    if version is None:
+        import timm
+
+        version = timm.__version__
+    vt = _version_tuple(version)[:3]
+    if not TIMM_MIN <= vt <= TIMM_MAX:
+        lo, hi = ".".join(map(str, TIMM_MIN)), ".".join(map(str, TIMM_MAX))
+        raise RuntimeError(
+            f"tokenslim patches timm's Block/Attention internals and is tested with timm {lo} to {hi}; "
+            f"timm {version} is installed. Install a tested release: pip install 'timm>={lo},<={hi}'"
+        )
+
+
+SUPPORTED_BLOCKS = (Block,)
+SUPPORTED_ATTENTION = (Attention,)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention and block with reduction
+# --------------------------------------------------------------------------------------------
+
+def attention_forward(
+    attn: Attention,
+    x: torch.Tensor,
+    log_size: Optional[torch.Tensor] = None,
+    return_metric: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """timm ``Attention.forward`` with an additive per-key bias and the ToMe metric.
+
+    Args:
+        attn: a timm :class:`~timm.layers.attention.Attention`.
+        x: ``[B, N, C]`` normalised tokens.
+        log_size: ``[B, 1, 1, N]`` float32 proportional-attention bias, or ``None``.
+        return_metric: also return the keys averaged over heads (``[B, N, head_dim]``).
+
+    The bias goes to ``F.scaled_dot_product_attention`` as a float mask in the query dtype, so the
+    fused kernel (memory-efficient / math) is kept; the manual path (``fused_attn=False``) adds it
+    to the scaled logits before the softmax, as timm adds its masks.
+    """
+    batch, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    metric = k.mean(dim=1) if return_metric else None
+    bias = None if log_size is None else log_size.to(q.dtype)
+    if attn.fused_attn:
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        y = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    y = attn.norm(y.transpose(1, 2).reshape(batch, n, attn.attn_dim))
+    if gate is not None:
+        y = y * gate
+    return attn.proj_drop(attn.proj(y)), metric
+
+
+def reducing_block(
+    block: Block,
+    x: torch.Tensor,
+    sizes: Optional[torch.Tensor],
+    source: Optional[torch.Tensor],
+    r: int,
+    prop_attn: bool,
+    num_prefix_tokens: int,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One timm ``Block`` with ToMe: attention (proportional if sizes are known), merge, MLP.
+
+    The merge sits after the attention residual and before the MLP, as in ToMe; ``ls1``/``ls2``,
+    ``drop_path1``/``drop_path2`` and every attention sub-module are applied as timm applies them.
+
+    Returns:
+        ``(tokens, sizes, source)`` after the block.
+    """
+    log_size = size_log_bias(sizes) if prop_attn and sizes is not None else None
+    y, metric = attention_forward(block.attn, block.norm1(x), log_size, return_metric=r > 0)
+    x = x + block.drop_path1(block.ls1(y))
+    if r > 0:
+        plan = bipartite_soft_matching(metric, r, num_prefix_tokens)
+        x, sizes = merge_tokens(x, sizes, plan.dest, plan.num_out)
+        source = update_source(source, plan.dest)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, sizes, source
+
+
+# --------------------------------------------------------------------------------------------
+# Patched model classes
+# --------------------------------------------------------------------------------------------
+
+class _TokenSlimMixin:
+    """Overrides of ``VisionTransformer`` that thread token reduction through the blocks."""
+
+    tokenslim: ReductionSettings
+
+    def tokenslim_plan(self, num_tokens: int) -> TokenPlan:
+        """Token counts per block for ``num_tokens`` tokens entering the first block."""
+        settings = self.tokenslim
+        if settings.depth != len(self.blocks):
+            raise RuntimeError(
+                f"the model has {len(self.blocks)} blocks but was patched with {settings.depth}; "
+                "call tokenslim.patch(model, ...) again after changing its blocks"
+            )
+        return settings.plan(num_tokens, self.num_prefix_tokens)
+
+    def _tokenslim_embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def _tokenslim_blocks(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        is_causal: bool,
+        take_indices: Optional[List[int]] = None,
+        last_index: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], List[Tuple[torch.Tensor, Optional[torch.Tensor]]]]:
+        """Run the blocks; return tokens, sizes, source and the ``(tokens, source)`` of taken blocks."""
+        plan = self.tokenslim_plan(x.shape[1])
+        if plan.reduces and (attn_mask is not None or is_causal):
+            raise ValueError(
+                "attn_mask / is_causal cannot be combined with token reduction: merged tokens no "
+                "longer line up with the mask. Set r=0 (tokenslim.patch(model, r=0)) to use masks."
+            )
+        prop_attn = self.tokenslim.prop_attn
+        prefix = self.num_prefix_tokens
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        sizes: Optional[torch.Tensor] = None
+        source: Optional[torch.Tensor] = None
+        taken: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        for i, block in enumerate(self.blocks):
+            if last_index is not None and i > last_index:
+                break
+            r = plan.merged[i]
+            if sizes is None and r == 0:
+                # Nothing merged yet: timm's own block, so r=0 is the unpatched computation.
+                if checkpointing:
+                    x = torch.utils.checkpoint.checkpoint(
+                        block, x, attn_mask, is_causal, use_reentrant=False
+                    )
+                else:
+                    x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif checkpointing:
+                x, sizes, source = torch.utils.checkpoint.checkpoint(
+                    reducing_block, block, x, sizes, source, r, prop_attn, prefix, use_reentrant=False
+                )
+            else:
+                x, sizes, source = reducing_block(block, x, sizes, source, r, prop_attn, prefix)
+            if take_indices is not None and i in take_indices:
+                taken.append((x, source))
+        return x, sizes, source, taken
+
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Embeddings, blocks with token reduction, final norm.
+
+        Returns ``[B, N0, C]``, the unpatched shape: each merged token is repeated at every patch
+        position it holds (prefix tokens first, unchanged). Pooling this output is size-weighted
+        pooling of the merged tokens, so ``forward_head(forward_features(x))`` equals ``forward(x)``.
+        """
+        x = self._tokenslim_embed(x)
+        x, _, source, _ = self._tokenslim_blocks(x, attn_mask, is_causal)
+        x = self.norm(x)  # per-token, so norming before the unmerge gather is exact and cheaper
+        return x if source is None else unmerge(x, source)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """timm's ``forward_intermediates`` with token reduction.
+
+        ``output_fmt='NLC'`` returns each block's reduced tokens (token counts shrink with depth).
+        ``output_fmt='NCHW'`` unmerges every intermediate to the full patch grid through the source
+        map: each patch position gets the value of the token that holds it. The final features
+        are returned as by :meth:`forward_features` (unmerged, full length).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self._tokenslim_embed(x)
+        x, _, source, taken = self._tokenslim_blocks(
+            x, attn_mask, is_causal, take_indices=take_indices, last_index=max_index if stop_early else None
+        )
+        prefix = self.num_prefix_tokens
+        intermediates, prefix_tokens = [], []
+        for y, y_source in taken:
+            if norm:
+                y = self.norm(y)
+            if output_fmt == "NCHW" and y_source is not None:
+                y = unmerge(y, y_source)
+            prefix_tokens.append(y[:, :prefix])
+            intermediates.append(y[:, prefix:])
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [
+                y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
+        has_prefix = prefix > 0
+        if output_dict:
+            result: Dict[str, Any] = {"image_intermediates": intermediates}
+            if has_prefix and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self._tokenslim_final(x, source)
+            return result
+        if return_prefix_tokens and has_prefix:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self._tokenslim_final(x, source), intermediates
+
+    def _tokenslim_final(self, x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.norm(x)
+        return x if source is None else unmerge(x, source)
+
+
+class TokenSlimVisionTransformer(_TokenSlimMixin, VisionTransformer):
+    """A patched :class:`timm.models.vision_transformer.VisionTransformer` (see :func:`patch`)."""
+
+
+class TokenSlimVisionTransformerDistilled(_TokenSlimMixin, VisionTransformerDistilled):
+    """A patched :class:`timm.models.deit.VisionTransformerDistilled` (see :func:`patch`)."""
+
+
+_PATCHED_CLASSES = {
+    VisionTransformer: TokenSlimVisionTransformer,
+    VisionTransformerDistilled: TokenSlimVisionTransformerDistilled,
+}
+_ORIGINAL_CLASSES = {v: k for k, v in _PATCHED_CLASSES.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+def _check_supported(model: nn.Module) -> None:
+    """Refuse anything but the timm classes tokenslim reproduces exactly, before changing anything."""
+    cls = type(model)
+    if cls not in _PATCHED_CLASSES and cls not in _ORIGINAL_CLASSES:
+        supported = ", ".join(c.__name__ for c in _PATCHED_CLASSES)
+        raise TypeError(
+            f"tokenslim cannot patch {cls.__module__}.{cls.__qualname__}: supported model classes are "
+            f"{supported} (timm vit_*, deit_*, deit3_*, DINOv2 and CLIP-style ViTs)"
+        )
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise TypeError("tokenslim expects model.blocks to be a non-empty nn.Sequential of timm Blocks")
+    for i, block in enumerate(blocks):
+        if type(block) not in SUPPORTED_BLOCKS:
+            raise TypeError(
+                f"tokenslim cannot patch block {i} of type {type(block).__module__}.{type(block).__qualname__}: "
+                "only timm.models.vision_transformer.Block is supported (ResPostBlock, ParallelScalingBlock, "
+                "ParallelThingsBlock and other block types are refused)"
+            )
+        if type(block.attn) not in SUPPORTED_ATTENTION:
+            raise TypeError(
+                f"tokenslim cannot patch the attention of block {i}, of type "
+                f"{type(block.attn).__module__}.{type(block.attn).__qualname__}: only "
+                "timm.layers.attention.Attention is supported"
+            )
+
+
+def patch(model: nn.Module, r: RSpec = 0, prop_attn: bool = True) -> nn.Module:
+    """Patch a timm Vision Transformer in place for token merging (ToMe).
+
+    Args:
+        model: a timm ``VisionTransformer`` or ``VisionTransformerDistilled`` built from
+            ``vision_transformer.Block`` and ``layers.attention.Attention``.
+        r: tokens merged per block: an int, a per-block list, or a ramp ``(r, inflection)``.
+        prop_attn: proportional attention (ToMe's default): ``log(size)`` of each key is added to
+            the attention logits.
+
+    Returns:
+        The same model object, patched. Patching a patched model replaces its settings (it does
+        not stack). Settings stay readable and writable as ``model.tokenslim``.
+
+    Raises:
+        TypeError: an unsupported model, block or attention class (nothing is changed).
+        ValueError: a bad ``r``.
+        RuntimeError: an untested timm release.
+    """
+    check_timm_version()
+    _check_supported(model)
+    settings = ReductionSettings(len(model.blocks), r=r, prop_attn=prop_attn)
+    model.tokenslim = settings
+    model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original timm class and behaviour of a patched model (a no-op if not patched)."""
+    cls = type(model)
+    if cls in _ORIGINAL_CLASSES:
+        model.__class__ = _ORIGINAL_CLASSES[cls]
+        del model.tokenslim
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is currently patched by tokenslim."""
+    return type(model) in _ORIGINAL_CLASSES
+
+
+@dataclass
+class MergeTrace:
+    """What token merging did to a batch, for visualisation and unmerging.
+
+    Attributes:
+        tokens: ``[B, N, C]`` tokens leaving the last block (before the final norm).
+        sizes: ``[B, N]`` original tokens held by each token (float32).
+        source: ``[B, N0]`` int64 index of the token that holds each original token (prefix
+            positions included). ``source_matrix(source, N)`` gives ToMe's dense 0/1 form;
+            ``unmerge(tokens, source)`` expands tokens back to every original position.
+    """
+
+    tokens: torch.Tensor
+    sizes: torch.Tensor
+    source: torch.Tensor
+
+
+@torch.no_grad()
+def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
+    """Run a patched model's blocks on ``images`` and return which patches each token holds.
+
+    Source tracking costs a gather of ``B x N0`` integers per merging block; the patched forward
+    keeps the same map anyway (it is how merged tokens are expanded for pooling), so this is the
+    documented way to read it out rather than a separate mode.
+    """
+    if not is_patched(model):
+        raise TypeError("trace_merges needs a patched model: call tokenslim.patch(model, r=...) first")
+    x = model._tokenslim_embed(images)
+    n0 = x.shape[1]
+    x, sizes, source, _ = model._tokenslim_blocks(x, None, False)
+    batch = x.shape[0]
+    if source is None:
+        source = torch.arange(n0, device=x.device).expand(batch, n0)
+        sizes = torch.ones(batch, n0, 1, device=x.device)
+    return MergeTrace(tokens=x, sizes=sizes.squeeze(-1), source=source)
