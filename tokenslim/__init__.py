@@ -8,7 +8,7 @@ The one-liner::
 """
 from .ops import source_matrix, unmerge
 from .schedule import ReductionSettings, RSpec, TokenPlan, parse_r, plan_tokens
-from .timm_vit import MergeTrace, is_patched, patch, trace_merges, unpatch
+from .timm_vit import MergeTrace, is_patched, patch, token_plan, trace_merges, unpatch
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "patch",
     "plan_tokens",
     "source_matrix",
+    "token_plan",
     "trace_merges",
     "unmerge",
     "unpatch",

@@ -31,7 +31,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .ops import bipartite_soft_matching, merge_tokens, size_log_bias, unmerge, update_source
-from .schedule import ReductionSettings, RSpec, TokenPlan
+from .schedule import ReductionSettings, RSpec, TokenPlan, plan_tokens
 
 TIMM_MIN = (1, 0, 28)
 TIMM_MAX = (1, 0, 31)
@@ -408,3 +408,22 @@ def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
         source = torch.arange(n0, device=x.device).expand(batch, n0)
         sizes = torch.ones(batch, n0, 1, device=x.device)
     return MergeTrace(tokens=x, sizes=sizes.squeeze(-1), source=source)
+
+
+def token_plan(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> TokenPlan:
+    """Tokens entering each block of a timm ViT (patched or not) for one input size, from settings alone.
+
+    Args:
+        model: a supported timm ViT; an unpatched one reduces nothing.
+        img_size: ``H`` or ``(H, W)``; the size the model was built for by default.
+    """
+    _check_supported(model)
+    if img_size is None:
+        grid = tuple(model.patch_embed.grid_size)
+    else:
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        grid = tuple(model.patch_embed.dynamic_feat_size(hw))
+    num_tokens = grid[0] * grid[1] + model.num_prefix_tokens
+    if is_patched(model):
+        return model.tokenslim_plan(num_tokens)
+    return plan_tokens(num_tokens, model.num_prefix_tokens, [0] * len(model.blocks))

@@ -1,0 +1,16 @@
+"""Measurement: GMACs and parameters, throughput and latency, side-by-side ratios."""
+from .benchmark import BenchmarkResult, Comparison, RatioEstimate, RunContext, benchmark, compare, median_interval
+from .macs import UNIT, ModelCost, count_macs
+
+__all__ = [
+    "UNIT",
+    "BenchmarkResult",
+    "Comparison",
+    "ModelCost",
+    "RatioEstimate",
+    "RunContext",
+    "benchmark",
+    "compare",
+    "count_macs",
+    "median_interval",
+]
