@@ -159,10 +159,10 @@ def test_sdpa_log_size_mask_equals_explicit_softmax():
     sizes = torch.randint(1, 6, (2, 11, 1)).float()
     log_size = sizes.log().transpose(1, 2).unsqueeze(1)
     with torch.no_grad():
-        fused, m1 = attention_forward(attn, x, log_size, return_metric=True)
+        fused, m1, cls1 = attention_forward(attn, x, log_size, return_metric=True, return_cls_attn=True)
         manual_attn = copy.deepcopy(attn)
         manual_attn.fused_attn = False
-        manual, m2 = attention_forward(manual_attn, x, log_size, return_metric=True)
+        manual, m2, cls2 = attention_forward(manual_attn, x, log_size, return_metric=True, return_cls_attn=True)
         # Fully explicit: softmax over logits + log(size).
         qkv = attn.qkv(x).reshape(2, 11, 3, 3, 16).permute(2, 0, 3, 1, 4)
         q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
@@ -171,11 +171,14 @@ def test_sdpa_log_size_mask_equals_explicit_softmax():
     torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(manual, explicit, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(m1, k.mean(1))
+    # The class-token row alone equals row 0 of the full map (with the size bias), head-averaged.
+    torch.testing.assert_close(cls1, w[:, :, 0].mean(1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cls2, w[:, :, 0].mean(1), atol=1e-6, rtol=1e-5)
     # Proportional attention is what attention over repeated keys computes.
     rep = sizes[0, :, 0].long()
     xr = torch.repeat_interleave(x[:1], rep, dim=1)
     with torch.no_grad():
-        yr, _ = attention_forward(attn, xr)
+        yr = attention_forward(attn, xr).out
     first = torch.cumsum(rep, 0) - rep
     torch.testing.assert_close(yr[0, first], fused[0], atol=1e-5, rtol=1e-5)
 

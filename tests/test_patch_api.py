@@ -54,7 +54,9 @@ def test_settings_validate_on_assignment():
     with pytest.raises(TypeError):
         model.tokenslim.prop_attn = 1
     assert model.tokenslim.r == 2  # a refused value leaves the old one in place
-    assert model.tokenslim.as_dict() == {"r": 2, "prop_attn": True, "depth": 4}
+    assert model.tokenslim.as_dict() == {"r": 2, "keep_rate": None, "prune_layers": [3, 6, 9],
+                                         "fuse_pruned": False, "prop_attn": None, "depth": 4}
+    assert model.tokenslim.uses_prop_attn
 
 
 def test_state_dict_deepcopy_save_load():
@@ -260,6 +262,7 @@ def test_bad_arguments():
         assert not tokenslim.is_patched(model)
     with pytest.raises(TypeError, match="prop_attn"):
         tokenslim.patch(model, r=1, prop_attn="yes")
+    assert not tokenslim.is_patched(model)
     with pytest.raises(TypeError, match="patched"):
         tokenslim.trace_merges(model, images(1))
 

@@ -6,8 +6,9 @@ counter and the benchmark tables all read it from :func:`plan_tokens`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 """How many tokens to merge per block.
@@ -80,43 +81,85 @@ def _check_count(v: int, what: str) -> None:
 class TokenPlan:
     """Token counts through a reduced model, for one input token count.
 
+    Within a block, pruning (if any) comes first, then merging; both after the attention residual
+    and before the MLP.
+
     Attributes:
         tokens: tokens entering each block, then the number leaving the last block
             (``len(tokens) == depth + 1``); prefix tokens included.
         merged: tokens merged away in each block (the requested ``r`` after clamping).
+        kept: non-prefix tokens kept by pruning in each block (``None``: no pruning there).
+        fused: whether the block appends a fused token holding the pruned ones.
     """
 
     tokens: Tuple[int, ...]
     merged: Tuple[int, ...]
+    kept: Tuple[Optional[int], ...] = ()
+    fused: Tuple[bool, ...] = ()
 
     @property
     def reduces(self) -> bool:
         """Whether any block removes a token."""
-        return any(self.merged)
+        return any(self.merged) or any(k is not None for k in self.kept)
+
+    @property
+    def drops(self) -> bool:
+        """Whether pruning drops tokens without fusing them (their patches then hold no token)."""
+        return any(k is not None and not f for k, f in zip(self.kept, self.fused))
 
 
-def plan_tokens(num_tokens: int, num_prefix_tokens: int, r_schedule: Sequence[int]) -> TokenPlan:
-    """Token counts per block for a merge schedule.
+def plan_tokens(
+    num_tokens: int,
+    num_prefix_tokens: int,
+    r_schedule: Sequence[int],
+    keep_rates: Optional[Sequence[float]] = None,
+    fuse: bool = False,
+) -> TokenPlan:
+    """Token counts per block for a merge schedule and optional pruning.
 
     Args:
         num_tokens: tokens entering the first block, prefix tokens included (197 for ViT-B/16 at 224).
-        num_prefix_tokens: class, distillation and register tokens; never merged.
+        num_prefix_tokens: class, distillation and register tokens; never merged or pruned.
         r_schedule: requested merges per block, e.g. from :func:`parse_r`.
+        keep_rates: per block, the share of non-prefix tokens pruning keeps (1.0: no pruning).
+        fuse: pruned tokens are fused into one extra token.
 
-    A block merges ``min(r, (num_tokens - num_prefix_tokens) // 2)`` tokens: bipartite matching
-    can pair at most half of the mergeable tokens.
+    Pruning keeps ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens present (a previously
+    fused token included, as in EViT). A block merges ``min(r, (tokens - prefix) // 2)`` tokens:
+    bipartite matching can pair at most half of the mergeable tokens.
     """
     if num_prefix_tokens < 0 or num_tokens < num_prefix_tokens:
         raise ValueError(f"need 0 <= num_prefix_tokens <= num_tokens, got {num_prefix_tokens}, {num_tokens}")
+    depth = len(r_schedule)
+    if keep_rates is None:
+        keep_rates = (1.0,) * depth
+    if len(keep_rates) != depth:
+        raise ValueError(f"keep_rates has {len(keep_rates)} entries for {depth} blocks")
+    p = num_prefix_tokens
     n = num_tokens
     tokens: List[int] = [n]
     merged: List[int] = []
-    for r in r_schedule:
-        r_eff = min(r, (n - num_prefix_tokens) // 2)
+    kept: List[Optional[int]] = []
+    fused: List[bool] = []
+    for r, rate in zip(r_schedule, keep_rates):
+        k = None
+        if rate < 1.0 and n - p > 1:
+            k = min(max(math.ceil(rate * (n - p)), 1), n - p)
+            if k == n - p:
+                k = None
+        kept.append(k)
+        fused.append(k is not None and fuse)
+        if k is not None:
+            n = p + k + int(fuse)
+        r_eff = min(r, (n - p) // 2)
         merged.append(r_eff)
         n -= r_eff
         tokens.append(n)
-    return TokenPlan(tuple(tokens), tuple(merged))
+    return TokenPlan(tuple(tokens), tuple(merged), tuple(kept), tuple(fused))
+
+
+DEFAULT_PRUNE_LAYERS = (3, 6, 9)
+"""EViT's DeiT setting: prune in blocks 4, 7 and 10 (0-based 3, 6, 9)."""
 
 
 class ReductionSettings:
@@ -125,18 +168,38 @@ class ReductionSettings:
     Attached to a patched model as ``model.tokenslim``. Assigning a field validates it at once, so a
     bad value fails where it is set rather than inside a forward pass::
 
-        model.tokenslim.r = 8           # a new schedule for the next call
-        model.tokenslim.prop_attn = False
+        model.tokenslim.r = 8           # a new merge schedule for the next call
+        model.tokenslim.keep_rate = 0.5
 
     Attributes:
         r: the merge specification (see :data:`RSpec`).
-        prop_attn: proportional attention: add ``log(size)`` of every key to the attention logits.
+        keep_rate: share of non-prefix tokens kept at each pruning block (``None``: no pruning); a
+            float, or one float per entry of ``prune_layers``.
+        prune_layers: 0-based indices of the pruning blocks.
+        fuse_pruned: fuse the pruned tokens into one token, weighted by their class attention.
+        prop_attn: proportional attention (``log(size)`` added to attention logits). ``None``
+            (default) means on when merging is on and off for pruning alone, as in EViT.
         depth: number of blocks the schedule covers (fixed at patch time).
     """
 
-    def __init__(self, depth: int, r: RSpec = 0, prop_attn: bool = True) -> None:
+    def __init__(
+        self,
+        depth: int,
+        r: RSpec = 0,
+        keep_rate: Optional[Union[float, Sequence[float]]] = None,
+        prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
+        fuse_pruned: bool = False,
+        prop_attn: Optional[bool] = None,
+        has_class_token: bool = True,
+    ) -> None:
         self._depth = int(depth)
+        self._has_class_token = has_class_token
+        self._keep_rate = None
+        self._prune_layers: Tuple[int, ...] = ()
         self.r = r
+        self.prune_layers = prune_layers
+        self.keep_rate = keep_rate
+        self.fuse_pruned = fuse_pruned
         self.prop_attn = prop_attn
 
     @property
@@ -159,23 +222,117 @@ class ReductionSettings:
         return self._r_schedule
 
     @property
-    def prop_attn(self) -> bool:
+    def prune_layers(self) -> Tuple[int, ...]:
+        return self._prune_layers
+
+    @prune_layers.setter
+    def prune_layers(self, value: Sequence[int]) -> None:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"prune_layers must be a sequence of block indices, got {type(value).__name__}")
+        layers = tuple(value)
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"prune_layers must hold ints, got {i!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"prune_layers has repeated blocks: {layers}")
+        if self._keep_rate is not None:
+            self._check_prune_layers(layers, self._keep_rate)
+        self._prune_layers = layers
+
+    def _check_prune_layers(self, layers: Tuple[int, ...], rates) -> None:
+        # Only checked while pruning is on: the default (3, 6, 9) must not break shallow models.
+        for i in layers:
+            if not 0 <= i < self._depth:
+                raise ValueError(
+                    f"prune layer {i} is out of range for a model with {self._depth} blocks; "
+                    "pass prune_layers=... with 0-based block indices"
+                )
+        if not isinstance(rates, float) and len(rates) != len(layers):
+            raise ValueError(f"keep_rate lists {len(rates)} rates for {len(layers)} pruning blocks {layers}")
+
+    @property
+    def keep_rate(self) -> Optional[Union[float, Tuple[float, ...]]]:
+        return self._keep_rate
+
+    @keep_rate.setter
+    def keep_rate(self, value: Optional[Union[float, Sequence[float]]]) -> None:
+        if value is None:
+            self._keep_rate = None
+            return
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rates: Union[float, Tuple[float, ...]] = float(value)
+            check = [rates]
+        elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+            rates = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value)
+            check = list(rates)
+        else:
+            raise TypeError(f"keep_rate must be a float in (0, 1], a list of them, or None; got {type(value).__name__}")
+        for v in check:
+            if not isinstance(v, float):
+                raise TypeError(f"keep_rate values must be numbers, got {v!r}")
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"keep_rate must lie in (0, 1], got {v}")
+        if not self._has_class_token and any(v < 1.0 for v in check):
+            raise ValueError(
+                "attention-score pruning ranks tokens by the class token's attention, and this model has no "
+                "class token (class_token=False); use token merging (r=...) instead"
+            )
+        self._check_prune_layers(self._prune_layers, rates)
+        self._keep_rate = rates
+
+    @property
+    def keep_rates(self) -> Tuple[float, ...]:
+        """Keep rate of every block (1.0 where nothing is pruned)."""
+        rates = [1.0] * self._depth
+        if self._keep_rate is not None:
+            per_layer = (self._keep_rate,) * len(self._prune_layers) if isinstance(self._keep_rate, float) \
+                else self._keep_rate
+            for i, rate in zip(self._prune_layers, per_layer):
+                rates[i] = rate
+        return tuple(rates)
+
+    @property
+    def fuse_pruned(self) -> bool:
+        return self._fuse_pruned
+
+    @fuse_pruned.setter
+    def fuse_pruned(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"fuse_pruned must be a bool, got {type(value).__name__}")
+        self._fuse_pruned = value
+
+    @property
+    def prop_attn(self) -> Optional[bool]:
+        """The requested proportional-attention setting (``None``: automatic)."""
         return self._prop_attn
 
     @prop_attn.setter
-    def prop_attn(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"prop_attn must be a bool, got {type(value).__name__}")
+    def prop_attn(self, value: Optional[bool]) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"prop_attn must be a bool or None, got {type(value).__name__}")
         self._prop_attn = value
+
+    @property
+    def uses_prop_attn(self) -> bool:
+        """Whether proportional attention is applied: as requested, else on exactly when merging."""
+        if self._prop_attn is not None:
+            return self._prop_attn
+        return any(self._r_schedule)
 
     def plan(self, num_tokens: int, num_prefix_tokens: int) -> TokenPlan:
         """Token counts per block for an input of ``num_tokens`` tokens."""
-        return plan_tokens(num_tokens, num_prefix_tokens, self._r_schedule)
+        return plan_tokens(num_tokens, num_prefix_tokens, self._r_schedule, self.keep_rates, self._fuse_pruned)
 
     def as_dict(self) -> dict:
         """The settings as plain JSON-serialisable values."""
-        r = list(self._r) if isinstance(self._r, (list, tuple)) else self._r
-        return {"r": r, "prop_attn": self._prop_attn, "depth": self._depth}
+        def plain(v):
+            return list(v) if isinstance(v, (list, tuple)) else v
+
+        return {
+            "r": plain(self._r), "keep_rate": plain(self._keep_rate), "prune_layers": list(self._prune_layers),
+            "fuse_pruned": self._fuse_pruned, "prop_attn": self._prop_attn, "depth": self._depth,
+        }
 
     def __repr__(self) -> str:
-        return f"ReductionSettings(r={self._r!r}, prop_attn={self._prop_attn}, depth={self._depth})"
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"ReductionSettings({fields})"

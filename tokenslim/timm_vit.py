@@ -19,7 +19,7 @@ Design:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,17 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .ops import bipartite_soft_matching, merge_tokens, size_log_bias, unmerge, update_source
-from .schedule import ReductionSettings, RSpec, TokenPlan, plan_tokens
+from .ops import (
+    bipartite_soft_matching,
+    merge_tokens,
+    prune_sizes,
+    prune_tokens,
+    select_tokens,
+    size_log_bias,
+    unmerge,
+    update_source,
+)
+from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
 
 TIMM_MIN = (1, 0, 28)
 TIMM_MAX = (1, 0, 31)
@@ -72,19 +81,31 @@ SUPPORTED_ATTENTION = (Attention,)
 # Attention and block with reduction
 # --------------------------------------------------------------------------------------------
 
+class AttentionOutput(NamedTuple):
+    """Output of :func:`attention_forward`: the attention output and what reduction needs from it."""
+
+    out: torch.Tensor
+    metric: Optional[torch.Tensor]
+    cls_attn: Optional[torch.Tensor]
+
+
 def attention_forward(
     attn: Attention,
     x: torch.Tensor,
     log_size: Optional[torch.Tensor] = None,
     return_metric: bool = False,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """timm ``Attention.forward`` with an additive per-key bias and the ToMe metric.
+    return_cls_attn: bool = False,
+) -> AttentionOutput:
+    """timm ``Attention.forward`` with an additive per-key bias, plus what token reduction needs.
 
     Args:
         attn: a timm :class:`~timm.layers.attention.Attention`.
         x: ``[B, N, C]`` normalised tokens.
         log_size: ``[B, 1, 1, N]`` float32 proportional-attention bias, or ``None``.
-        return_metric: also return the keys averaged over heads (``[B, N, head_dim]``).
+        return_metric: also return the keys averaged over heads (``[B, N, head_dim]``, ToMe's metric).
+        return_cls_attn: also return the class token's attention row averaged over heads
+            (``[B, N]``, EViT's importance). Only that row is computed (``q_cls`` against all keys,
+            same scale and bias), so the full map is never built and SDPA stays fused.
 
     The bias goes to ``F.scaled_dot_product_attention`` as a float mask in the query dtype, so the
     fused kernel (memory-efficient / math) is kept; the manual path (``fused_attn=False``) adds it
@@ -97,6 +118,14 @@ def attention_forward(
     q, k = attn.q_norm(q), attn.k_norm(k)
     metric = k.mean(dim=1) if return_metric else None
     bias = None if log_size is None else log_size.to(q.dtype)
+    cls_attn = None
+    if return_cls_attn:
+        # SDPA scales by 1/sqrt(head_dim); the manual path by the stored scale. Match each.
+        scale = q.shape[-1] ** -0.5 if attn.fused_attn else attn.scale
+        row = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)
+        if log_size is not None:
+            row = row + log_size
+        cls_attn = row.softmax(dim=-1)[:, :, 0].mean(dim=1)
     if attn.fused_attn:
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
@@ -109,7 +138,18 @@ def attention_forward(
     y = attn.norm(y.transpose(1, 2).reshape(batch, n, attn.attn_dim))
     if gate is not None:
         y = y * gate
-    return attn.proj_drop(attn.proj(y)), metric
+    return AttentionOutput(attn.proj_drop(attn.proj(y)), metric, cls_attn)
+
+
+class BlockStep(NamedTuple):
+    """What one block does to the tokens (from the token plan; static for a setting)."""
+
+    r: int
+    keep: Optional[int]
+    fuse: bool
+    prop_attn: bool
+    num_prefix_tokens: int
+    has_dropped: bool  # earlier pruning dropped tokens without fusion (source map holds -1)
 
 
 def reducing_block(
@@ -117,25 +157,35 @@ def reducing_block(
     x: torch.Tensor,
     sizes: Optional[torch.Tensor],
     source: Optional[torch.Tensor],
-    r: int,
-    prop_attn: bool,
-    num_prefix_tokens: int,
+    step: BlockStep,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One timm ``Block`` with ToMe: attention (proportional if sizes are known), merge, MLP.
+    """One timm ``Block`` with token reduction: attention, prune, merge, MLP.
 
-    The merge sits after the attention residual and before the MLP, as in ToMe; ``ls1``/``ls2``,
-    ``drop_path1``/``drop_path2`` and every attention sub-module are applied as timm applies them.
+    Reduction sits after the attention residual and before the MLP, as in ToMe and EViT; pruning
+    comes before merging when a block does both. ``ls1``/``ls2``, ``drop_path1``/``drop_path2`` and
+    every attention sub-module are applied as timm applies them.
 
     Returns:
         ``(tokens, sizes, source)`` after the block.
     """
-    log_size = size_log_bias(sizes) if prop_attn and sizes is not None else None
-    y, metric = attention_forward(block.attn, block.norm1(x), log_size, return_metric=r > 0)
-    x = x + block.drop_path1(block.ls1(y))
-    if r > 0:
-        plan = bipartite_soft_matching(metric, r, num_prefix_tokens)
+    log_size = size_log_bias(sizes) if step.prop_attn and sizes is not None else None
+    attn = attention_forward(
+        block.attn, block.norm1(x), log_size, return_metric=step.r > 0, return_cls_attn=step.keep is not None
+    )
+    x = x + block.drop_path1(block.ls1(attn.out))
+    metric, has_dropped = attn.metric, step.has_dropped
+    if step.keep is not None:
+        plan = select_tokens(attn.cls_attn, step.keep, step.num_prefix_tokens, step.fuse)
+        x = prune_tokens(x, plan, attn.cls_attn)
+        if metric is not None:
+            metric = prune_tokens(metric, plan, attn.cls_attn)
+        sizes = prune_sizes(sizes, plan)
+        source = update_source(source, plan.dest, has_dropped)
+        has_dropped = has_dropped or not step.fuse
+    if step.r > 0:
+        plan = bipartite_soft_matching(metric, step.r, step.num_prefix_tokens)
         x, sizes = merge_tokens(x, sizes, plan.dest, plan.num_out)
-        source = update_source(source, plan.dest)
+        source = update_source(source, plan.dest, has_dropped)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, sizes, source
 
@@ -157,7 +207,13 @@ class _TokenSlimMixin:
                 f"the model has {len(self.blocks)} blocks but was patched with {settings.depth}; "
                 "call tokenslim.patch(model, ...) again after changing its blocks"
             )
-        return settings.plan(num_tokens, self.num_prefix_tokens)
+        plan = settings.plan(num_tokens, self.num_prefix_tokens)
+        if plan.drops and _pools_patch_tokens(self):
+            raise ValueError(
+                f"pruning without fusion drops tokens, but this model pools over patch tokens "
+                f"(global_pool={self.global_pool!r}); set fuse_pruned=True or use a class-token pooled model"
+            )
+        return plan
 
     def _tokenslim_embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -172,41 +228,46 @@ class _TokenSlimMixin:
         is_causal: bool,
         take_indices: Optional[List[int]] = None,
         last_index: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], List[Tuple[torch.Tensor, Optional[torch.Tensor]]]]:
-        """Run the blocks; return tokens, sizes, source and the ``(tokens, source)`` of taken blocks."""
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], bool, List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]]:
+        """Run the blocks.
+
+        Returns tokens, sizes, source map, whether pruning dropped tokens without fusion, and
+        ``(tokens, source, has_dropped)`` of every block in ``take_indices``.
+        """
         plan = self.tokenslim_plan(x.shape[1])
         if plan.reduces and (attn_mask is not None or is_causal):
             raise ValueError(
-                "attn_mask / is_causal cannot be combined with token reduction: merged tokens no "
-                "longer line up with the mask. Set r=0 (tokenslim.patch(model, r=0)) to use masks."
+                "attn_mask / is_causal cannot be combined with token reduction: reduced tokens no "
+                "longer line up with the mask. Set r=0 and keep_rate=None to use masks."
             )
-        prop_attn = self.tokenslim.prop_attn
+        settings = self.tokenslim
+        prop_attn = settings.uses_prop_attn
         prefix = self.num_prefix_tokens
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         sizes: Optional[torch.Tensor] = None
         source: Optional[torch.Tensor] = None
+        has_dropped = False
         taken: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
         for i, block in enumerate(self.blocks):
             if last_index is not None and i > last_index:
                 break
-            r = plan.merged[i]
-            if sizes is None and r == 0:
-                # Nothing merged yet: timm's own block, so r=0 is the unpatched computation.
+            step = BlockStep(plan.merged[i], plan.kept[i], plan.fused[i], prop_attn, prefix, has_dropped)
+            if source is None and step.r == 0 and step.keep is None:
+                # Nothing reduced yet: timm's own block, so no reduction is the unpatched computation.
                 if checkpointing:
-                    x = torch.utils.checkpoint.checkpoint(
-                        block, x, attn_mask, is_causal, use_reentrant=False
-                    )
+                    x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
                 else:
                     x = block(x, attn_mask=attn_mask, is_causal=is_causal)
             elif checkpointing:
                 x, sizes, source = torch.utils.checkpoint.checkpoint(
-                    reducing_block, block, x, sizes, source, r, prop_attn, prefix, use_reentrant=False
+                    reducing_block, block, x, sizes, source, step, use_reentrant=False
                 )
             else:
-                x, sizes, source = reducing_block(block, x, sizes, source, r, prop_attn, prefix)
+                x, sizes, source = reducing_block(block, x, sizes, source, step)
+            has_dropped = has_dropped or (step.keep is not None and not step.fuse)
             if take_indices is not None and i in take_indices:
-                taken.append((x, source))
-        return x, sizes, source, taken
+                taken.append((x, source, has_dropped))
+        return x, sizes, source, has_dropped, taken
 
     def forward_features(
         self,
@@ -221,9 +282,8 @@ class _TokenSlimMixin:
         pooling of the merged tokens, so ``forward_head(forward_features(x))`` equals ``forward(x)``.
         """
         x = self._tokenslim_embed(x)
-        x, _, source, _ = self._tokenslim_blocks(x, attn_mask, is_causal)
-        x = self.norm(x)  # per-token, so norming before the unmerge gather is exact and cheaper
-        return x if source is None else unmerge(x, source)
+        x, _, source, dropped, _ = self._tokenslim_blocks(x, attn_mask, is_causal)
+        return self._tokenslim_final(x, source, dropped)
 
     def forward_intermediates(
         self,
@@ -242,24 +302,25 @@ class _TokenSlimMixin:
 
         ``output_fmt='NLC'`` returns each block's reduced tokens (token counts shrink with depth).
         ``output_fmt='NCHW'`` unmerges every intermediate to the full patch grid through the source
-        map: each patch position gets the value of the token that holds it. The final features
-        are returned as by :meth:`forward_features` (unmerged, full length).
+        map: each patch position gets the value of the token that holds it (zero where pruning
+        dropped the token without fusion). The final features are returned as by
+        :meth:`forward_features` (unmerged, full length).
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         batch, _, height, width = x.shape
         x = self._tokenslim_embed(x)
-        x, _, source, taken = self._tokenslim_blocks(
+        x, _, source, dropped, taken = self._tokenslim_blocks(
             x, attn_mask, is_causal, take_indices=take_indices, last_index=max_index if stop_early else None
         )
         prefix = self.num_prefix_tokens
         intermediates, prefix_tokens = [], []
-        for y, y_source in taken:
+        for y, y_source, y_dropped in taken:
             if norm:
                 y = self.norm(y)
             if output_fmt == "NCHW" and y_source is not None:
-                y = unmerge(y, y_source)
+                y = unmerge(y, y_source, y_dropped)
             prefix_tokens.append(y[:, :prefix])
             intermediates.append(y[:, prefix:])
         if output_fmt == "NCHW":
@@ -273,17 +334,17 @@ class _TokenSlimMixin:
             if has_prefix and return_prefix_tokens:
                 result["image_intermediates_prefix"] = prefix_tokens
             if not intermediates_only:
-                result["image_features"] = self._tokenslim_final(x, source)
+                result["image_features"] = self._tokenslim_final(x, source, dropped)
             return result
         if return_prefix_tokens and has_prefix:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
             return intermediates
-        return self._tokenslim_final(x, source), intermediates
+        return self._tokenslim_final(x, source, dropped), intermediates
 
-    def _tokenslim_final(self, x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
-        x = self.norm(x)
-        return x if source is None else unmerge(x, source)
+    def _tokenslim_final(self, x: torch.Tensor, source: Optional[torch.Tensor], has_dropped: bool) -> torch.Tensor:
+        x = self.norm(x)  # per-token, so norming before the unmerge gather is exact and cheaper
+        return x if source is None else unmerge(x, source, has_dropped)
 
 
 class TokenSlimVisionTransformer(_TokenSlimMixin, VisionTransformer):
@@ -332,15 +393,34 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-def patch(model: nn.Module, r: RSpec = 0, prop_attn: bool = True) -> nn.Module:
-    """Patch a timm Vision Transformer in place for token merging (ToMe).
+def _pools_patch_tokens(model: nn.Module) -> bool:
+    """Whether the head reads patch tokens (avg/max/map pooling) rather than the class token only."""
+    return model.attn_pool is not None or model.global_pool not in ("token", "")
+
+
+def patch(
+    model: nn.Module,
+    r: RSpec = 0,
+    keep_rate: Optional[Union[float, Sequence[float]]] = None,
+    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
+    fuse_pruned: bool = False,
+    prop_attn: Optional[bool] = None,
+) -> nn.Module:
+    """Patch a timm Vision Transformer in place for token merging and/or pruning.
 
     Args:
         model: a timm ``VisionTransformer`` or ``VisionTransformerDistilled`` built from
             ``vision_transformer.Block`` and ``layers.attention.Attention``.
-        r: tokens merged per block: an int, a per-block list, or a ramp ``(r, inflection)``.
-        prop_attn: proportional attention (ToMe's default): ``log(size)`` of each key is added to
-            the attention logits.
+        r: tokens merged per block (ToMe): an int, a per-block list, or a ramp ``(r, inflection)``.
+        keep_rate: attention-score pruning (EViT): at each block of ``prune_layers`` keep
+            ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens, those the class token attends
+            to most. A float, or one per pruning block. ``None``: no pruning.
+        prune_layers: 0-based pruning blocks; EViT's DeiT setting ``(3, 6, 9)`` by default.
+        fuse_pruned: fuse the pruned tokens into one extra token, summed with their class-attention
+            weights (EViT's inattentive token fusion). Its size is the total size of the tokens it
+            holds, so pooling and proportional attention weigh it like a merged token.
+        prop_attn: proportional attention, ``log(size)`` of each key added to the logits. ``None``
+            (default): on when merging (ToMe), off for pruning alone (EViT has none).
 
     Returns:
         The same model object, patched. Patching a patched model replaces its settings (it does
@@ -348,12 +428,21 @@ def patch(model: nn.Module, r: RSpec = 0, prop_attn: bool = True) -> nn.Module:
 
     Raises:
         TypeError: an unsupported model, block or attention class (nothing is changed).
-        ValueError: a bad ``r``.
+        ValueError: bad settings, pruning on a model without a class token, or pruning without
+            fusion on a model that pools patch tokens.
         RuntimeError: an untested timm release.
     """
     check_timm_version()
     _check_supported(model)
-    settings = ReductionSettings(len(model.blocks), r=r, prop_attn=prop_attn)
+    settings = ReductionSettings(
+        len(model.blocks), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
+        prop_attn=prop_attn, has_class_token=model.cls_token is not None,
+    )
+    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned and _pools_patch_tokens(model):
+        raise ValueError(
+            f"pruning without fusion drops tokens, but this model pools over patch tokens "
+            f"(global_pool={model.global_pool!r}); set fuse_pruned=True or use a class-token pooled model"
+        )
     model.tokenslim = settings
     model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
     return model
@@ -402,7 +491,7 @@ def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
         raise TypeError("trace_merges needs a patched model: call tokenslim.patch(model, r=...) first")
     x = model._tokenslim_embed(images)
     n0 = x.shape[1]
-    x, sizes, source, _ = model._tokenslim_blocks(x, None, False)
+    x, sizes, source, _, _ = model._tokenslim_blocks(x, None, False)
     batch = x.shape[0]
     if source is None:
         source = torch.arange(n0, device=x.device).expand(batch, n0)

@@ -2,7 +2,8 @@
 
 Sizes are ``[B, N, 1]`` float32 counts of original patches per token (``None`` means all ones).
 A *source map* is ``[B, N0]`` int64: for every original token, the index of the current token
-that holds it. Sizes are the bincount of the source map; unmerging is one gather through it.
+that holds it, or ``-1`` once pruning has dropped it without fusion. Sizes are the bincount of the
+source map; unmerging is one gather through it.
 """
 from __future__ import annotations
 
@@ -43,30 +44,38 @@ def merge_tokens(
     return (summed[..., :c] / new_sizes).to(x.dtype), new_sizes
 
 
-def update_source(source: Optional[torch.Tensor], dest: torch.Tensor) -> torch.Tensor:
-    """Compose a source map with one merge step's destination map.
+def update_source(source: Optional[torch.Tensor], dest: torch.Tensor, has_dropped: bool = False) -> torch.Tensor:
+    """Compose a source map with one reduction step's destination map.
 
-    ``source=None`` means no merge has happened yet (the identity map), so the result is ``dest``.
+    ``source=None`` means nothing has been reduced yet (the identity map), so the result is
+    ``dest``. ``has_dropped`` says that ``source`` may hold ``-1`` (dropped tokens), which stay
+    ``-1``; it is a static flag so that the common case costs one gather and nothing else.
     """
     if source is None:
         return dest
-    return dest.gather(1, source)
+    if not has_dropped:
+        return dest.gather(1, source)
+    return dest.gather(1, source.clamp(min=0)).masked_fill(source < 0, -1)
 
 
-def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+def unmerge(x: torch.Tensor, source: torch.Tensor, has_dropped: bool = False) -> torch.Tensor:
     """Expand ``[B, N, C]`` tokens back to ``[B, N0, C]``: every original position gets its token.
 
     A plain mean over the result equals the size-weighted mean of ``x``; a softmax over repeated
-    keys equals proportional attention. That is why pooling heads need no change.
+    keys equals proportional attention. That is why pooling heads need no change. Positions of
+    tokens dropped without fusion (``-1``, only when ``has_dropped``) are zero.
     """
-    return x.gather(1, source.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    index = source.clamp(min=0) if has_dropped else source
+    out = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return out.masked_fill((source < 0).unsqueeze(-1), 0) if has_dropped else out
 
 
 def sizes_from_source(source: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """``[B, num_tokens, 1]`` float32 sizes implied by a source map."""
-    counts = torch.zeros(source.shape[0], num_tokens, dtype=torch.float32, device=source.device)
-    counts.scatter_add_(1, source, torch.ones_like(source, dtype=torch.float32))
-    return counts.unsqueeze(-1)
+    counts = torch.zeros(source.shape[0], num_tokens + 1, dtype=torch.float32, device=source.device)
+    # Dropped positions (-1) are counted in an extra bin that is cut off.
+    counts.scatter_add_(1, source.clamp(min=-1) % (num_tokens + 1), torch.ones_like(source, dtype=torch.float32))
+    return counts[:, :num_tokens].unsqueeze(-1)
 
 
 def source_matrix(source: torch.Tensor, num_tokens: int) -> torch.Tensor:
