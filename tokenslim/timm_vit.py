@@ -483,7 +483,8 @@ class MergeTrace:
 def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
     """Run a patched model's blocks on ``images`` and return which patches each token holds.
 
-    Source tracking costs a gather of ``B x N0`` integers per merging block; the patched forward
+    Covers merging and pruning: a fused token holds the patches it fused; a patch whose token was
+    pruned without fusion has source ``-1``. Source tracking costs a gather of ``B x N0`` integers per merging block; the patched forward
     keeps the same map anyway (it is how merged tokens are expanded for pooling), so this is the
     documented way to read it out rather than a separate mode.
     """
@@ -495,7 +496,8 @@ def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
     batch = x.shape[0]
     if source is None:
         source = torch.arange(n0, device=x.device).expand(batch, n0)
-        sizes = torch.ones(batch, n0, 1, device=x.device)
+    if sizes is None:
+        sizes = torch.ones(batch, x.shape[1], 1, device=x.device)
     return MergeTrace(tokens=x, sizes=sizes.squeeze(-1), source=source)
 
 
