@@ -96,7 +96,7 @@ def run_macs(args: argparse.Namespace) -> None:
         model = apply_setting(copy.deepcopy(base), setting)
         cost = count_macs(model, img_size=args.img_size)
         plan = token_plan(model, args.img_size)
-        print(f"  {format_setting(setting):<24} {cost.gmacs:8.3f} GMACs  {cost.params_m:7.2f} M params  "
+        print(f"  {format_setting(setting):<36} {cost.gmacs:8.3f} GMACs  {cost.params_m:7.2f} M params  "
               f"tokens per block {list(plan.tokens)}")
 
 

@@ -75,7 +75,7 @@ def benchmark_settings(
 
 def format_rows(rows: Sequence[Dict[str, Any]]) -> str:
     """A fixed-width table of :func:`benchmark_settings` rows."""
-    header = (f"{'setting':<28} {'GMACs':>7} {'MAC x':>6} {'thru x [95% CI]':>20} {'eff':>5} "
+    header = (f"{'setting':<36} {'GMACs':>7} {'MAC x':>6} {'thru x [95% CI]':>20} {'eff':>5} "
               f"{'lat x [95% CI]':>20} {'step ms':>8} {'b1 ms':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -83,6 +83,6 @@ def format_rows(rows: Sequence[Dict[str, Any]]) -> str:
         lat = (f"{r['latency_ratio']:.2f} [{r['latency_ratio_low']:.2f},{r['latency_ratio_high']:.2f}]"
                if "latency_ratio" in r else "-")
         b1 = f"{r['latency_ms']:.1f}" if "latency_ms" in r else "-"
-        lines.append(f"{r['setting']:<28} {r['gmacs']:7.2f} {r['mac_ratio']:6.2f} {tp:>20} {r['efficiency']:5.2f} "
+        lines.append(f"{r['setting']:<36} {r['gmacs']:7.2f} {r['mac_ratio']:6.2f} {tp:>20} {r['efficiency']:5.2f} "
                      f"{lat:>20} {r['step_ms']:8.1f} {b1:>7}")
     return "\n".join(lines)
