@@ -100,11 +100,83 @@ def run_macs(args: argparse.Namespace) -> None:
               f"tokens per block {list(plan.tokens)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
+    p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
+    p.add_argument("--checkpoint", default=None, help="a local checkpoint: tokenslim or timm/PyTorch state dict")
+    p.add_argument("--data", required=True,
+                   help="folder of class folders, .tar/.tar.gz of them, or a label file ('file label' / './path, label')")
+    p.add_argument("--settings", nargs="*", default=[], help="reduction settings evaluated against the unpatched model")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a deterministic random subset of this many images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--img-size", type=int, default=None, help="override the model's input size")
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def format_eval(rows: List[dict]) -> str:
+    header = f"{'setting':<36} {'top1':>6} {'top5':>6} {'agree':>6} {'d top1 +- se':>14} {'KL':>7} {'images':>6} {'sec':>6}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        agree = f"{r['agreement']:6.2f}" if r.get("agreement") is not None else f"{'-':>6}"
+        diff = (f"{r['top1_diff']:+6.2f} +- {r['top1_diff_se']:4.2f}" if r.get("top1_diff") is not None else "-")
+        kl = f"{r['kl']:7.4f}" if r.get("kl") is not None else f"{'-':>7}"
+        lines.append(f"{r['setting']:<36} {r['top1']:6.2f} {r['top5']:6.2f} {agree} {diff:>14} {kl} "
+                     f"{r['images']:6d} {r['seconds']:6.1f}")
+    return "\n".join(lines)
+
+
+def run_eval(args: argparse.Namespace) -> List[dict]:
+    import copy
+
+    from .evaluate import evaluate, init_from_env, open_dataset, resolve_transform, subset
+    from .loading import create_model
+    from .spec import apply_setting, format_setting, parse_setting
+
+    info = init_from_env()
+    settings = [parse_setting(t) for t in args.settings]  # fail on a bad setting before loading anything
+    base = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
+    transform, data_config = resolve_transform(base, **overrides)
+    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    if info.is_main:
+        print(f"{args.model or args.checkpoint}: {len(data)} images from {args.data}, world size {info.world_size}, "
+              f"input {data_config['input_size']}, mean {data_config['mean']}, std {data_config['std']}",
+              file=sys.stderr)
+    rows = []
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                  precision=args.precision, progress=not args.quiet)
+    base_result = evaluate(base, data, label="none", **common)
+    rows.append({"setting": "none", "model": args.model, **base_result.to_dict()})
+    for setting in settings:
+        name = format_setting(setting)
+        model = apply_setting(copy.deepcopy(base), setting)
+        result = evaluate(model, data, reference=base, label=name, **common)
+        rows.append({"setting": name, "model": args.model, **result.to_dict()})
+    if info.is_main:
+        print(format_eval(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"data": args.data, "limit": args.limit, "seed": args.seed, "data_config":
+                           {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
+                           "results": rows}, f, indent=2)
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenslim", description="Make timm ViTs faster without retraining.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_benchmark_args(sub.add_parser("benchmark", help="side-by-side speed against the unpatched model"))
     add_macs_args(sub.add_parser("macs", help="GMACs, parameters and token counts per setting"))
+    add_eval_args(sub.add_parser("eval", help="accuracy and agreement with the unpatched model (torchrun-ready)"))
     return parser
 
 
@@ -114,6 +186,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_benchmark(args)
     elif args.command == "macs":
         run_macs(args)
+    elif args.command == "eval":
+        run_eval(args)
 
 
 if __name__ == "__main__":

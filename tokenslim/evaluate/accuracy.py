@@ -1,0 +1,187 @@
+"""Accuracy of a (patched) model, optionally against a reference model, on one process or many."""
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import distributed as dist_utils
+from ..measure.benchmark import _resolve_precision
+
+
+@dataclass
+class EvalResult:
+    """Accuracy of one model on one dataset (percentages for accuracies and agreement).
+
+    Attributes:
+        images: number of images evaluated (all ranks together).
+        top1, top5: accuracy in percent; ``correct1``/``correct5``: the exact counts.
+        loss: mean cross-entropy.
+        agreement: share (%) of images whose top-1 prediction equals the reference's.
+        kl: mean KL(reference || model) of the softmax outputs.
+        reference_top1: the reference model's top-1 (%), on the same images.
+        top1_diff: model top-1 minus reference top-1 (points); ``top1_diff_se`` its paired standard
+            error: differences smaller than about two of these are not resolved by this data.
+    """
+
+    images: int
+    top1: float
+    top5: float
+    correct1: int
+    correct5: int
+    loss: float
+    agreement: Optional[float] = None
+    kl: Optional[float] = None
+    reference_top1: Optional[float] = None
+    top1_diff: Optional[float] = None
+    top1_diff_se: Optional[float] = None
+    seconds: float = 0.0
+    world_size: int = 1
+    device: str = "cpu"
+    precision: str = "float32"
+    settings: Dict[str, Any] = field(default_factory=dict)
+    versions: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _versions() -> Dict[str, str]:
+    import timm
+
+    from .. import __version__
+
+    return {"tokenslim": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+class _Progress:
+    """A one-line progress report on stderr (main rank only), at most every ``every`` seconds."""
+
+    def __init__(self, total: int, enabled: bool, label: str, every: float = 2.0) -> None:
+        self.total, self.enabled, self.label, self.every = total, enabled, label, every
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            line = f"  {self.label}: {self.done}/{self.total} images, {rate:.1f} img/s, eta {eta:.0f}s"
+            if sys.stderr.isatty():  # redraw one line on a terminal, plain lines in logs
+                print("\r" + line, end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    reference: Optional[nn.Module] = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: Optional[Union[str, torch.device]] = None,
+    precision: str = "float32",
+    progress: bool = True,
+    label: str = "eval",
+) -> EvalResult:
+    """Top-1/top-5, loss and, given a reference model, agreement, KL and the paired top-1 difference.
+
+    Under ``torchrun`` (process group initialised, e.g. by
+    :func:`tokenslim.evaluate.distributed.init_from_env`) each rank evaluates a disjoint unpadded
+    shard and integer counts are summed, so the result equals a single-process run exactly (float
+    sums to rounding). Every rank returns the same result.
+
+    Args:
+        model: the model to evaluate (moved to ``device``, put in eval mode).
+        data: a dataset of ``(image tensor, label)`` (see :mod:`tokenslim.evaluate.data`).
+        reference: e.g. the unpatched model; evaluated on the same batches.
+        batch_size: images per step.
+        num_workers: data-loading worker processes.
+        device: defaults to CUDA (this rank's GPU) when available, else CPU.
+        precision: ``float32``, ``bfloat16``, ``float16``, ``amp_bfloat16`` or ``amp_float16``.
+        progress: print progress to stderr (main rank only).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    info = dist_utils.current()
+    if device is None:
+        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dtype, amp_dtype = _resolve_precision(precision)
+    models = [m.eval().to(device=device, dtype=dtype) for m in ([model] + ([reference] if reference else []))]
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    part = dist_utils.shard(data, info)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    # counts: correct1, correct5, images, agree, ref_correct1, sum(d), sum(|d|) for d = c1 - ref_c1
+    counts = torch.zeros(7, dtype=torch.int64)
+    sums = torch.zeros(2, dtype=torch.float64)  # loss, KL
+    bar = _Progress(len(data), progress and info.is_main, label)
+    start = time.perf_counter()
+    for images, target in loader:
+        images = images.to(device=device, dtype=dtype, non_blocking=True)
+        target = target.to(device)
+        with amp():
+            logits = models[0](images).float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        c1 = top5[:, 0] == target
+        counts[0] += int(c1.sum())
+        counts[1] += int((top5 == target[:, None]).any(-1).sum())
+        counts[2] += images.shape[0]
+        sums[0] += float(F.cross_entropy(logits, target, reduction="sum").double())
+        if reference is not None:
+            with amp():
+                ref_logits = models[1](images).float()
+            ref_c1 = ref_logits.argmax(-1) == target
+            counts[3] += int((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
+            counts[4] += int(ref_c1.sum())
+            d = c1.long() - ref_c1.long()
+            counts[5] += int(d.sum())
+            counts[6] += int(d.abs().sum())
+            ref_logp = ref_logits.log_softmax(-1).double()
+            sums[1] += float((ref_logp.exp() * (ref_logp - logits.log_softmax(-1).double())).sum())
+        # Progress counts all ranks' images, estimated from this rank's share.
+        bar.update(images.shape[0] * info.world_size)
+    dist_utils.all_reduce_sum(counts, info)
+    dist_utils.all_reduce_sum(sums, info)
+    n = int(counts[2])
+    if n == 0:
+        raise ValueError("the dataset is empty: nothing to evaluate")
+    result = EvalResult(
+        images=n,
+        top1=100.0 * int(counts[0]) / n,
+        top5=100.0 * int(counts[1]) / n,
+        correct1=int(counts[0]),
+        correct5=int(counts[1]),
+        loss=float(sums[0]) / n,
+        seconds=time.perf_counter() - start,
+        world_size=info.world_size,
+        device=str(device),
+        precision=precision,
+        settings=model.tokenslim.as_dict() if hasattr(model, "tokenslim") else {},
+        versions=_versions(),
+    )
+    if reference is not None:
+        mean_d = int(counts[5]) / n
+        var = (int(counts[6]) - n * mean_d ** 2) / (n - 1) if n > 1 else float("nan")
+        result.agreement = 100.0 * int(counts[3]) / n
+        result.kl = float(sums[1]) / n
+        result.reference_top1 = 100.0 * int(counts[4]) / n
+        result.top1_diff = 100.0 * mean_d
+        result.top1_diff_se = 100.0 * math.sqrt(max(var, 0.0) / n)
+    return result

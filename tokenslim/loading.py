@@ -1,0 +1,133 @@
+"""Creating models the real way: timm pretrained weights, timm checkpoints, tokenslim checkpoints.
+
+A tokenslim checkpoint is a ``torch.save``'d dict that carries what is needed to rebuild and
+evaluate a model that has no timm pretrained config (e.g. the demo's CIFAR model): the timm model
+name and constructor arguments, the state dict, and the data config (mean, std, input size, crop),
+which is installed as the model's ``pretrained_cfg`` so ``resolve_data_config`` finds it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "tokenslim-checkpoint-v1"
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    path: str,
+    model_name: str,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    data_config: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Save ``model`` with the name, constructor arguments and data config to rebuild it.
+
+    Args:
+        model: the model (its ``state_dict`` is saved; a tokenslim patch is not).
+        path: output file.
+        model_name: timm model name to rebuild with ``timm.create_model``.
+        model_kwargs: constructor overrides (e.g. ``img_size``, ``num_classes``).
+        data_config: evaluation data config: ``input_size``, ``mean``, ``std``, ``crop_pct``, ...
+        extra: anything else worth keeping (training recipe, accuracy).
+    """
+    unknown = set(data_config or {}) - set(DATA_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown data config keys {sorted(unknown)}; known: {DATA_CONFIG_KEYS}")
+    torch.save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model_name": model_name,
+            "model_kwargs": dict(model_kwargs or {}),
+            "data_config": dict(data_config or {}),
+            "state_dict": model.state_dict(),
+            "extra": dict(extra or {}),
+        },
+        path,
+    )
+
+
+def _is_tokenslim_checkpoint(path: str) -> bool:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def load_checkpoint(path: str) -> nn.Module:
+    """Rebuild a model saved by :func:`save_checkpoint`, data config included (eval mode)."""
+    import timm
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a tokenslim checkpoint (saved by tokenslim.loading.save_checkpoint)")
+    model = timm.create_model(obj["model_name"], pretrained=False, **obj["model_kwargs"])
+    _load_state(model, obj["state_dict"], path, obj["model_name"])
+    if obj["data_config"]:
+        model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **obj["data_config"]}
+    return model.eval()
+
+
+def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, name: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), first[0] if first else "")
+        raise ValueError(
+            f"checkpoint {path} does not fit model {name}: {detail}. Check the model name and its "
+            "arguments (num_classes, img_size, ...) against those the checkpoint was trained with."
+        ) from None
+
+
+def create_model(
+    name: Optional[str] = None,
+    pretrained: bool = False,
+    checkpoint_path: Optional[str] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a model in eval mode from a timm name, pretrained weights and/or a checkpoint file.
+
+    * ``checkpoint_path`` to a tokenslim checkpoint: rebuilt from it (``name`` may be omitted).
+    * ``checkpoint_path`` to a timm/PyTorch state dict: ``timm.create_model(name, checkpoint_path=...)``.
+    * ``pretrained=True``: timm downloads (or finds cached) weights; without network the error
+      says how to pass a local checkpoint instead.
+    """
+    import timm
+
+    if checkpoint_path is not None:
+        if not os.path.isfile(checkpoint_path):
+            raise FileNotFoundError(f"no such checkpoint: {checkpoint_path}")
+        if _is_tokenslim_checkpoint(checkpoint_path):
+            return load_checkpoint(checkpoint_path)
+        if name is None:
+            raise ValueError(f"{checkpoint_path} is a plain state dict: also pass the timm model name")
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        from timm.models import load_checkpoint as timm_load
+
+        try:
+            timm_load(model, checkpoint_path)
+        except RuntimeError as e:
+            raise ValueError(
+                f"checkpoint {checkpoint_path} does not fit model {name}: {str(e).strip().splitlines()[-1]}. "
+                "Check the model name and its arguments (num_classes, img_size, ...)."
+            ) from None
+        return model.eval()
+    if name is None:
+        raise ValueError("pass a timm model name or a checkpoint path")
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+    except (OSError, ConnectionError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load pretrained weights for {name} ({type(e).__name__}: {str(e)[:200]}). Without "
+            "network access, download the weights elsewhere and pass the file: "
+            "checkpoint_path=... in Python, --checkpoint PATH on the command line."
+        ) from e
