@@ -6,6 +6,7 @@ The one-liner::
     model = timm.create_model("vit_base_patch16_224", pretrained=True)
     tokenslim.patch(model, r=16)   # ToMe: merge 16 tokens in every block
 """
+from .channels import ChannelPlan, apply_masks, materialize, plan_channels, prune_channels, remove_masks, restore_channels
 from .ops import source_matrix, unmerge
 from .schedule import ReductionSettings, RSpec, TokenPlan, parse_r, plan_tokens
 from .timm_vit import MergeTrace, is_patched, patch, token_plan, trace_merges, unpatch
@@ -13,6 +14,13 @@ from .timm_vit import MergeTrace, is_patched, patch, token_plan, trace_merges, u
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelPlan",
+    "apply_masks",
+    "materialize",
+    "plan_channels",
+    "prune_channels",
+    "remove_masks",
+    "restore_channels",
     "MergeTrace",
     "ReductionSettings",
     "RSpec",

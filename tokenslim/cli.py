@@ -88,11 +88,16 @@ def run_macs(args: argparse.Namespace) -> None:
 
     import timm
 
-    with torch.device("meta"):  # counting needs shapes only: no weights are initialised
-        base = timm.create_model(args.model).eval()
+    from .spec import CHANNEL_KEYS
+
+    settings = [parse_setting(t) for t in ["none"] + list(args.settings)]
+    if any(k in s for s in settings for k in CHANNEL_KEYS):
+        base = timm.create_model(args.model).eval()  # ranking channels needs (random) weights
+    else:
+        with torch.device("meta"):  # counting needs shapes only: no weights are initialised
+            base = timm.create_model(args.model).eval()
     print(f"{args.model}: {UNIT}")
-    for text in ["none"] + list(args.settings):
-        setting = parse_setting(text)
+    for setting in settings:
         model = apply_setting(copy.deepcopy(base), setting)
         cost = count_macs(model, img_size=args.img_size)
         plan = token_plan(model, args.img_size)

@@ -2,7 +2,8 @@
 
 A tokenslim checkpoint is a ``torch.save``'d dict that carries what is needed to rebuild and
 evaluate a model that has no timm pretrained config (e.g. the demo's CIFAR model): the timm model
-name and constructor arguments, the state dict, and the data config (mean, std, input size, crop),
+name and constructor arguments, the state dict, the kept heads/channels of a channel-pruned
+(materialised) model, and the data config (mean, std, input size, crop),
 which is installed as the model's ``pretrained_cfg`` so ``resolve_data_config`` finds it.
 """
 from __future__ import annotations
@@ -45,6 +46,8 @@ def save_checkpoint(
             "model_kwargs": dict(model_kwargs or {}),
             "data_config": dict(data_config or {}),
             "state_dict": model.state_dict(),
+            # Kept heads/channels of a materialised model: rebuilds its smaller layers on load.
+            "channels": getattr(model, "tokenslim_channels", None),
             "extra": dict(extra or {}),
         },
         path,
@@ -67,6 +70,10 @@ def load_checkpoint(path: str) -> nn.Module:
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a tokenslim checkpoint (saved by tokenslim.loading.save_checkpoint)")
     model = timm.create_model(obj["model_name"], pretrained=False, **obj["model_kwargs"])
+    if obj.get("channels"):
+        from .channels import restore_channels
+
+        restore_channels(model, obj["channels"])
     _load_state(model, obj["state_dict"], path, obj["model_name"])
     if obj["data_config"]:
         model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **obj["data_config"]}
@@ -81,7 +88,7 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, nam
         detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
                        or "Unexpected" in line), first[0] if first else "")
         raise ValueError(
-            f"checkpoint {path} does not fit model {name}: {detail}. Check the model name and its "
+            f"checkpoint {path} does not fit model {name}: {detail.rstrip('.')}. Check the model name and its "
             "arguments (num_classes, img_size, ...) against those the checkpoint was trained with."
         ) from None
 

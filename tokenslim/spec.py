@@ -1,8 +1,11 @@
 """Reduction settings written as text, for the command line and result files.
 
 A setting is comma-separated ``key=value`` pairs whose values are Python literals, e.g.
-``r=16``, ``r=(16,-1)``, ``r=[8,8,8],prop_attn=False``. ``none`` (or an empty string) means the
-unpatched model. Keys are the keyword arguments of :func:`tokenslim.patch`.
+``r=16``, ``r=(16,-1)``, ``r=[8,8,8],prop_attn=False``, ``mlp_pruned=0.5,r=8``. ``none`` (or an
+empty string) means the unpatched model. Keys are the keyword arguments of :func:`tokenslim.patch`
+and the channel-pruning keys ``heads_pruned``, ``mlp_pruned``, ``criterion`` (a data-free one:
+``l1`` or ``l2``) and ``materialize`` (default ``True``: physically smaller layers; ``False``
+keeps the masked model, which is exact but not faster).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any, Dict, List
 from torch import nn
 
 BASELINE_NAMES = ("", "none", "baseline", "unpatched")
+CHANNEL_KEYS = ("heads_pruned", "mlp_pruned", "criterion", "materialize")
 
 
 def _split_top_level(text: str) -> List[str]:
@@ -34,7 +38,7 @@ def _split_top_level(text: str) -> List[str]:
 def _patch_keywords() -> List[str]:
     from .timm_vit import patch
 
-    return [p for p in inspect.signature(patch).parameters if p != "model"]
+    return [p for p in inspect.signature(patch).parameters if p != "model"] + list(CHANNEL_KEYS)
 
 
 def parse_setting(text: str) -> Dict[str, Any]:
@@ -69,9 +73,23 @@ def format_setting(setting: Dict[str, Any]) -> str:
 
 
 def apply_setting(model: nn.Module, setting: Dict[str, Any]) -> nn.Module:
-    """Patch ``model`` with a parsed setting (an empty setting leaves it unpatched)."""
+    """Apply a parsed setting: channel pruning first (if any), then the token-reduction patch.
+
+    An empty setting leaves the model unpatched.
+    """
+    from .channels import materialize, prune_channels
     from .timm_vit import patch, unpatch
 
-    if not setting:
+    patch_kwargs = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
+    channel = {k: setting[k] for k in CHANNEL_KEYS if k in setting}
+    if channel:
+        criterion = channel.get("criterion", "l2")
+        if criterion not in ("l1", "l2"):
+            raise ValueError(f"settings text takes the data-free criteria l1 or l2, got {criterion!r}; "
+                             "use tokenslim.prune_channels(..., data=...) for activation or taylor")
+        plan = prune_channels(model, channel.get("heads_pruned", 0.0), channel.get("mlp_pruned", 0.0), criterion)
+        if plan.prunes and channel.get("materialize", True):
+            materialize(model)
+    if not patch_kwargs:
         return unpatch(model)
-    return patch(model, **setting)
+    return patch(model, **patch_kwargs)

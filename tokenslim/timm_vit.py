@@ -73,6 +73,9 @@ def check_timm_version(version: Optional[str] = None) -> None:
         )
 
 
+HEAD_MASK_BUFFER = "tokenslim_head_mask"
+"""Non-persistent buffer on a timm Attention marking kept heads (set by :mod:`tokenslim.channels`)."""
+
 SUPPORTED_BLOCKS = (Block,)
 SUPPORTED_ATTENTION = (Attention,)
 
@@ -80,6 +83,14 @@ SUPPORTED_ATTENTION = (Attention,)
 # --------------------------------------------------------------------------------------------
 # Attention and block with reduction
 # --------------------------------------------------------------------------------------------
+
+def _head_mean(t: torch.Tensor, head_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the head dimension (1) of ``t``, over the kept heads only when heads are masked."""
+    if head_mask is None:
+        return t.mean(dim=1)
+    w = head_mask.to(t.dtype).view(1, -1, *([1] * (t.dim() - 2)))
+    return (t * w).sum(dim=1) / head_mask.sum().to(t.dtype)
+
 
 class AttentionOutput(NamedTuple):
     """Output of :func:`attention_forward`: the attention output and what reduction needs from it."""
@@ -116,7 +127,9 @@ def attention_forward(
     qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    metric = k.mean(dim=1) if return_metric else None
+    # Heads masked by channel pruning take no part in the metric or the score, as if removed.
+    head_mask = getattr(attn, HEAD_MASK_BUFFER, None)
+    metric = _head_mean(k, head_mask) if return_metric else None
     bias = None if log_size is None else log_size.to(q.dtype)
     cls_attn = None
     if return_cls_attn:
@@ -125,7 +138,7 @@ def attention_forward(
         row = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)
         if log_size is not None:
             row = row + log_size
-        cls_attn = row.softmax(dim=-1)[:, :, 0].mean(dim=1)
+        cls_attn = _head_mean(row.softmax(dim=-1)[:, :, 0], head_mask)
     if attn.fused_attn:
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
