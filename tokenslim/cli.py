@@ -1,8 +1,9 @@
-"""The ``tokenslim`` command: count, benchmark (and later evaluate, sweep, demo) from the shell."""
+"""The ``tokenslim`` command: demo, macs, benchmark, eval and sweep from the shell."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -176,12 +177,65 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# sweep and demo
+# ---------------------------------------------------------------------------------------------
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    add_eval_args(p)
+    p.add_argument("--out", default="results/sweep", help="folder for the CSV, JSONL, SVG and text outputs")
+    p.add_argument("--bench-batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (>= 15)")
+
+
+def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
+    from .evaluate import open_dataset, resolve_transform, subset
+    from .loading import create_model
+    from .spec import parse_setting
+    from .sweep import format_sweep, run_sweep, write_outputs
+
+    for t in args.settings:
+        parse_setting(t)
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
+    transform, _ = resolve_transform(model, **overrides)
+    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    name = args.model or os.path.basename(args.checkpoint)
+    rows = run_sweep(
+        model, args.settings, data, model_name=name,
+        eval_kwargs=dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                         precision=args.precision, progress=not args.quiet),
+        bench_kwargs=dict(batch_size=args.bench_batch_size, rounds=args.rounds, device=args.device,
+                          precision=args.precision, img_size=args.img_size),
+        progress=None if args.quiet else _progress,
+    )
+    paths = write_outputs(rows, args.out, "sweep", title=f"{name}: top-1 vs measured speed-up")
+    print(format_sweep(rows))
+    print("wrote " + ", ".join(paths.values()))
+    return rows
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    from .demo import DEFAULT_SETTINGS
+
+    p.add_argument("--out", default="results/demo", help="folder for the checkpoint and the sweep outputs")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS))
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--train-images", type=int, default=12000)
+    p.add_argument("--test-images", type=int, default=2000)
+    p.add_argument("--retrain", action="store_true", help="train again even if the checkpoint exists")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (>= 15)")
+    p.add_argument("--batch-size", type=int, default=64, help="benchmark batch size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenslim", description="Make timm ViTs faster without retraining.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_benchmark_args(sub.add_parser("benchmark", help="side-by-side speed against the unpatched model"))
     add_macs_args(sub.add_parser("macs", help="GMACs, parameters and token counts per setting"))
     add_eval_args(sub.add_parser("eval", help="accuracy and agreement with the unpatched model (torchrun-ready)"))
+    add_sweep_args(sub.add_parser("sweep", help="accuracy and measured speed of many settings, with a Pareto plot"))
+    add_demo_args(sub.add_parser("demo", help="offline demo: train a small ViT on generated shapes, then sweep"))
     return parser
 
 
@@ -193,6 +247,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         run_macs(args)
     elif args.command == "eval":
         run_eval(args)
+    elif args.command == "sweep":
+        run_sweep_cmd(args)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, args.settings, args.train_images, args.test_images, args.epochs, args.retrain,
+                 args.rounds, args.batch_size)
 
 
 if __name__ == "__main__":

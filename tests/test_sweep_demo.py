@@ -1,0 +1,53 @@
+"""Sweeps (Pareto front, outputs) and the offline demo end to end on a tiny budget."""
+import csv
+import json
+
+import torch
+
+from conftest import make_model
+from tokenslim.demo import run_demo
+from tokenslim.demo.shapes import CLASSES, make_shapes
+from tokenslim.sweep import pareto_front, pareto_svg, run_sweep, write_outputs
+
+
+def test_pareto_front():
+    pts = [(1.0, 80.0), (1.5, 79.0), (1.4, 78.0), (2.0, 70.0), (1.5, 79.0), (0.9, 80.0)]
+    assert pareto_front(pts) == [True, True, False, True, True, False]
+
+
+def test_shapes_are_balanced_and_deterministic():
+    a, b = make_shapes(200, seed=3), make_shapes(200, seed=3)
+    assert torch.equal(a.tensors[0], b.tensors[0]) and torch.equal(a.tensors[1], b.tensors[1])
+    assert torch.bincount(a.tensors[1]).tolist() == [20] * len(CLASSES)
+    assert not torch.equal(make_shapes(200, seed=4).tensors[0], a.tensors[0])
+
+
+def test_sweep_rows_and_outputs(tmp_path):
+    model = make_model("vit")
+    data = [(torch.randn(3, 32, 32), i % 10) for i in range(24)]
+    rows = run_sweep(model, ["r=8", "keep_rate=0.5,prune_layers=(1,),fuse_pruned=True"], data,
+                     eval_kwargs=dict(batch_size=8, num_workers=0, device="cpu", progress=False),
+                     bench_kwargs=dict(batch_size=4, rounds=15, device="cpu", latency=False))
+    assert [r["setting"] for r in rows] == ["none", "r=8", "keep_rate=0.5,prune_layers=(1,),fuse_pruned=True"]
+    assert rows[0]["agreement"] is None and rows[1]["agreement"] is not None
+    assert all(r["images"] == 24 for r in rows) and any(r["pareto"] for r in rows)
+    paths = write_outputs(rows, str(tmp_path), "s", title="t")
+    with open(paths["csv"]) as f:
+        assert [r["setting"] for r in csv.DictReader(f)] == [r["setting"] for r in rows]
+    with open(paths["jsonl"]) as f:
+        assert [json.loads(line)["top1"] for line in f] == [r["top1"] for r in rows]
+    svg = open(paths["svg"]).read()
+    assert svg.startswith("<svg") and svg.count("<circle") == 3 and "r=8" in svg
+
+
+def test_demo_runs_offline_end_to_end(tmp_path, capsys):
+    rows = run_demo(str(tmp_path), settings=["r=4", "mlp_pruned=0.25"], train_images=256, test_images=60,
+                    epochs=1, rounds=15, batch_size=8)
+    assert [r["setting"] for r in rows] == ["none", "r=4", "mlp_pruned=0.25"]
+    assert (tmp_path / "demo_vit.pth").exists() and (tmp_path / "demo_sweep.svg").exists()
+    out = capsys.readouterr().out
+    assert "r=4" in out and "Pareto" in out
+    # A second run reuses the checkpoint instead of training again.
+    rows2 = run_demo(str(tmp_path), settings=["r=4"], train_images=256, test_images=60, epochs=1,
+                     rounds=15, batch_size=8)
+    assert rows2[0]["top1"] == rows[0]["top1"]

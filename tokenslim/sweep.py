@@ -1,0 +1,156 @@
+"""Sweeps: accuracy against measured speed for a grid of settings, written as tables, CSV, JSONL and a
+Pareto plot (SVG, no plotting dependency)."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from .evaluate import evaluate
+from .measure.table import benchmark_settings
+from .spec import apply_setting, format_setting, parse_setting
+
+CSV_COLUMNS = (
+    "setting", "top1", "top5", "agreement", "top1_diff", "top1_diff_se", "kl", "gmacs", "params_m", "mac_ratio",
+    "throughput_ratio", "throughput_ratio_low", "throughput_ratio_high", "efficiency", "latency_ratio",
+    "step_ms", "latency_ms", "images", "pareto",
+)
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
+    """For ``(speed, accuracy)`` points, whether each is on the front (no other point is at least as
+    fast and as accurate and better in one)."""
+    flags = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def run_sweep(
+    model: nn.Module,
+    settings: Sequence[str],
+    data: Dataset,
+    model_name: str = "",
+    eval_kwargs: Optional[Dict[str, Any]] = None,
+    bench_kwargs: Optional[Dict[str, Any]] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> List[Dict[str, Any]]:
+    """Evaluate and benchmark every setting against the unpatched ``model``.
+
+    Accuracy comes from :func:`tokenslim.evaluate.evaluate` with the unpatched model as reference;
+    speed from :func:`tokenslim.measure.table.benchmark_settings` (all settings interleaved in one
+    process). Returns one JSON-serialisable row per setting, the unpatched model first, with a
+    ``pareto`` flag for the accuracy/throughput front.
+    """
+    eval_kwargs = dict(eval_kwargs or {})
+    names = ["none"] + [format_setting(parse_setting(s)) for s in settings]
+    speed = {r["setting"]: r for r in benchmark_settings(model, settings, model_name=model_name,
+                                                         progress=progress, **(bench_kwargs or {}))}
+    rows = []
+    for name in names:
+        candidate = apply_setting(copy.deepcopy(model), parse_setting(name))
+        reference = None if name == "none" else model
+        acc = evaluate(candidate, data, reference=reference, label=name, **eval_kwargs)
+        row = {"model": model_name, "setting": name, **{k: v for k, v in acc.to_dict().items() if k != "settings"}}
+        row.update({k: v for k, v in speed[name].items() if k not in ("model", "setting")})
+        rows.append(row)
+    flags = pareto_front([(r["throughput_ratio"], r["top1"]) for r in rows])
+    for row, flag in zip(rows, flags):
+        row["pareto"] = flag
+    return rows
+
+
+def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:
+    """A fixed-width accuracy/speed table (``*`` marks the Pareto front)."""
+    header = (f"{'setting':<38} {'top1':>6} {'d top1 +- se':>14} {'agree':>6} {'GMACs':>7} {'MAC x':>6} "
+              f"{'thru x [95% CI]':>20} {'eff':>5}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        diff = f"{r['top1_diff']:+6.2f} +- {r['top1_diff_se']:4.2f}" if r.get("top1_diff") is not None else "-"
+        agree = f"{r['agreement']:6.2f}" if r.get("agreement") is not None else f"{'-':>6}"
+        tp = f"{r['throughput_ratio']:.2f} [{r['throughput_ratio_low']:.2f},{r['throughput_ratio_high']:.2f}]"
+        mark = "*" if r.get("pareto") else " "
+        lines.append(f"{mark}{r['setting']:<37} {r['top1']:6.2f} {diff:>14} {agree} {r['gmacs']:7.3f} "
+                     f"{r['mac_ratio']:6.2f} {tp:>20} {r['efficiency']:5.2f}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+
+
+def write_jsonl(rows: Sequence[Dict[str, Any]], path: str) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def pareto_svg(rows: Sequence[Dict[str, Any]], title: str = "") -> str:
+    """An SVG scatter of top-1 against measured throughput ratio; the Pareto front is joined."""
+    w, h, left, right, top, bottom = 720, 460, 70, 200, 40, 55
+    xs = [r["throughput_ratio"] for r in rows]
+    ys = [r["top1"] for r in rows]
+    x0, x1 = min(xs + [1.0]), max(xs + [1.0])
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = (x1 - x0) * 0.08 or 0.1, (y1 - y0) * 0.1 or 1.0
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (w - left - right)
+
+    def py(y: float) -> float:
+        return h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2 - 80}" y="22" font-size="14">{_escape(title)}</text>',
+           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>']
+    for i in range(6):
+        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        out.append(f'<text x="{px(xv) - 12:.1f}" y="{h - bottom + 18}">{xv:.2f}</text>')
+        out.append(f'<text x="{left - 48}" y="{py(yv) + 4:.1f}">{yv:.1f}</text>')
+    out.append(f'<text x="{(w - right + left) / 2 - 110}" y="{h - 12}">throughput ratio vs unpatched (median, measured)</text>')
+    out.append(f'<text x="14" y="{(h) / 2 + 30}" transform="rotate(-90 14 {(h) / 2 + 30})">top-1 accuracy (%)</text>')
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["throughput_ratio"])
+    if len(front) > 1:
+        pts = " ".join(f"{px(r['throughput_ratio']):.1f},{py(r['top1']):.1f}" for r in front)
+        out.append(f'<polyline points="{pts}" fill="none" stroke="#d62728" stroke-width="1.5"/>')
+    for r in rows:
+        x, y = px(r["throughput_ratio"]), py(r["top1"])
+        lo, hi = px(r["throughput_ratio_low"]), px(r["throughput_ratio_high"])
+        color = "#d62728" if r.get("pareto") else "#1f77b4"
+        out.append(f'<line x1="{lo:.1f}" y1="{y:.1f}" x2="{hi:.1f}" y2="{y:.1f}" stroke="{color}"/>')
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"/>')
+        out.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="10">{_escape(r["setting"])}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def write_outputs(rows: Sequence[Dict[str, Any]], out_dir: str, stem: str, title: str = "") -> Dict[str, str]:
+    """Write ``<stem>.csv``, ``<stem>.jsonl``, ``<stem>.svg`` and ``<stem>.txt`` into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("csv", "jsonl", "svg", "txt")}
+    write_csv(rows, paths["csv"])
+    write_jsonl(rows, paths["jsonl"])
+    with open(paths["svg"], "w") as f:
+        f.write(pareto_svg(rows, title))
+    with open(paths["txt"], "w") as f:
+        f.write(format_sweep(rows) + "\n")
+    return paths
