@@ -1,4 +1,4 @@
-"""The only module that knows timm: patching ``VisionTransformer`` models for token reduction.
+"""The timm-aware core: patching ``VisionTransformer`` models for token merging and pruning.
 
 Design:
 
@@ -9,8 +9,8 @@ Design:
   pickling are untouched.
 * Per-call state (sizes, source map) is passed from block to block as local values, never stored
   on modules: two threads can share a model and ``torch.compile`` sees no side effects.
-* Until the first merge a block runs as timm's own ``Block.forward``: at ``r=0`` the patched
-  model performs exactly the calls of the unpatched one, fused attention included.
+* Until the first reduction a block runs as timm's own ``Block.forward``: with nothing to reduce
+  the patched model performs exactly the calls of the unpatched one, fused attention included.
 * ``forward_features`` expands merged tokens back over the patches they hold (one gather through
   the source map). The output has the unpatched shape; timm's own pooling over it is the
   size-weighted pooling (mean, max, ``map`` attention pooling with proportional attention), and
