@@ -147,8 +147,11 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     from .loading import create_model
     from .spec import apply_setting, format_setting, parse_setting
 
+    import torch
+
     info = init_from_env()
     settings = [parse_setting(t) for t in args.settings]  # fail on a bad setting before loading anything
+    torch.manual_seed(0)  # a randomly initialised model is then the same on every rank and every run
     base = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, data_config = resolve_transform(base, **overrides)
