@@ -221,11 +221,8 @@ class _TokenSlimMixin:
                 "call tokenslim.patch(model, ...) again after changing its blocks"
             )
         plan = settings.plan(num_tokens, self.num_prefix_tokens)
-        if plan.drops and _pools_patch_tokens(self):
-            raise ValueError(
-                f"pruning without fusion drops tokens, but this model pools over patch tokens "
-                f"(global_pool={self.global_pool!r}); set fuse_pruned=True or use a class-token pooled model"
-            )
+        if plan.drops:
+            _refuse_drops_with_patch_pooling(self)
         return plan
 
     def _tokenslim_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +257,7 @@ class _TokenSlimMixin:
         sizes: Optional[torch.Tensor] = None
         source: Optional[torch.Tensor] = None
         has_dropped = False
-        taken: List[Tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        taken: List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]] = []
         for i, block in enumerate(self.blocks):
             if last_index is not None and i > last_index:
                 break
@@ -406,9 +403,14 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-def _pools_patch_tokens(model: nn.Module) -> bool:
-    """Whether the head reads patch tokens (avg/max/map pooling) rather than the class token only."""
-    return model.attn_pool is not None or model.global_pool not in ("token", "")
+def _refuse_drops_with_patch_pooling(model: nn.Module) -> None:
+    """Pruning without fusion leaves patches without a token; a head that pools patch tokens
+    (avg/max/map) would then average zeros in."""
+    if model.attn_pool is not None or model.global_pool not in ("token", ""):
+        raise ValueError(
+            f"pruning without fusion drops tokens, but this model pools over patch tokens "
+            f"(global_pool={model.global_pool!r}); set fuse_pruned=True or use a class-token pooled model"
+        )
 
 
 def patch(
@@ -451,11 +453,8 @@ def patch(
         len(model.blocks), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
         prop_attn=prop_attn, has_class_token=model.cls_token is not None,
     )
-    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned and _pools_patch_tokens(model):
-        raise ValueError(
-            f"pruning without fusion drops tokens, but this model pools over patch tokens "
-            f"(global_pool={model.global_pool!r}); set fuse_pruned=True or use a class-token pooled model"
-        )
+    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned:
+        _refuse_drops_with_patch_pooling(model)
     model.tokenslim = settings
     model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
     return model
