@@ -119,7 +119,7 @@ def pareto_svg(rows: Sequence[Dict[str, Any]], title: str = "") -> str:
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
            f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2 - 80}" y="22" font-size="14">{_escape(title)}</text>',
+           f'<text x="{left}" y="22" font-size="14">{_escape(title)}</text>',
            f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>']
     for i in range(6):

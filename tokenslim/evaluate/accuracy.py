@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
-from ..measure.benchmark import _resolve_precision
+from ..measure.benchmark import resolve_precision
 
 
 @dataclass
@@ -121,7 +121,7 @@ def evaluate(
     if device is None:
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    dtype, amp_dtype = _resolve_precision(precision)
+    dtype, amp_dtype = resolve_precision(precision)
     models = [m.eval().to(device=device, dtype=dtype) for m in ([model] + ([reference] if reference else []))]
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 

@@ -28,7 +28,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _resolve_precision(precision: str) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+def resolve_precision(precision: str) -> Tuple[torch.dtype, Optional[torch.dtype]]:
     """(dtype of weights and input, autocast dtype or None)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -87,7 +87,7 @@ class _Runner:
     """A model prepared for timing: device, dtype, memory format, compile, fixed random input."""
 
     def __init__(self, model: nn.Module, ctx: RunContext, batch_size: int) -> None:
-        dtype, self.amp_dtype = _resolve_precision(ctx.precision)
+        dtype, self.amp_dtype = resolve_precision(ctx.precision)
         self.device = torch.device(ctx.device)
         memory_format = torch.channels_last if ctx.channels_last else torch.contiguous_format
         model = model.eval().to(device=self.device, dtype=dtype, memory_format=memory_format)
@@ -134,7 +134,7 @@ def _context(model, device, precision, batch_size, img_size, channels_last, comp
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    _resolve_precision(precision)
+    resolve_precision(precision)
     return RunContext(
         device=str(device), precision=precision, batch_size=batch_size, img_size=_as_size(img_size, model),
         channels_last=channels_last, compiled=compile, cpu_threads=torch.get_num_threads(),

@@ -1,0 +1,59 @@
+"""The tokenslim command wires the library together: macs, benchmark, eval, sweep."""
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import SMALL, make_model
+from tokenslim.cli import main
+from tokenslim.loading import save_checkpoint
+
+
+@pytest.fixture
+def tiny_checkpoint_and_data(tmp_path):
+    model = make_model("vit")
+    ckpt = tmp_path / "tiny.pth"
+    save_checkpoint(model, str(ckpt), "vit_tiny_patch16_224", SMALL,
+                    data_config={"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+    lines = []
+    (tmp_path / "img").mkdir()
+    for i in range(9):
+        Image.new("RGB", (32, 32), (i * 25, 100, 200 - i * 20)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"./img/{i}.png, {i % 10}")
+    (tmp_path / "labels.txt").write_text("\n".join(lines) + "\n")
+    return ckpt, tmp_path / "labels.txt"
+
+
+def test_macs_command(capsys):
+    main(["macs", "--model", "deit_small_patch16_224", "--settings", "r=16", "keep_rate=0.7"])
+    out = capsys.readouterr().out
+    assert "4.599 GMACs" in out and "2.997 GMACs" in out and "multiply-add" in out
+
+
+def test_eval_command(tiny_checkpoint_and_data, tmp_path, capsys):
+    ckpt, labels = tiny_checkpoint_and_data
+    out_json = tmp_path / "eval.json"
+    main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "r=4", "--workers", "0",
+          "--batch-size", "4", "--quiet", "--json", str(out_json)])
+    result = json.loads(out_json.read_text())
+    assert [r["setting"] for r in result["results"]] == ["none", "r=4"]
+    assert result["results"][0]["images"] == 9 and result["data_config"]["input_size"] == [3, 32, 32]
+    assert "agree" in capsys.readouterr().out
+
+
+def test_sweep_and_benchmark_commands(tiny_checkpoint_and_data, tmp_path, capsys):
+    ckpt, labels = tiny_checkpoint_and_data
+    main(["sweep", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "r=4", "--workers", "0",
+          "--quiet", "--out", str(tmp_path / "sweep"), "--bench-batch-size", "2", "--device", "cpu"])
+    assert (tmp_path / "sweep" / "sweep.svg").exists()
+    main(["benchmark", "--model", "vit_tiny_patch16_224", "--settings", "r=8", "--batch-size", "1", "--no-latency",
+          "--jsonl", str(tmp_path / "b.jsonl"), "--device", "cpu"])
+    rows = [json.loads(line) for line in open(tmp_path / "b.jsonl")]
+    assert [r["setting"] for r in rows] == ["none", "r=8"] and rows[1]["mac_ratio"] > 1.3
+    assert "thru x" in capsys.readouterr().out
+
+
+def test_bad_setting_fails_before_work(tiny_checkpoint_and_data):
+    ckpt, labels = tiny_checkpoint_and_data
+    with pytest.raises(ValueError, match="unknown key"):
+        main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "rr=4"])
