@@ -202,3 +202,18 @@ def test_masks_survive_deepcopy_and_device_moves_and_keep_state_dict_keys():
         assert torch.equal(torch.load(buf, weights_only=False)(x), model(x))
     tokenslim.remove_masks(model)
     assert not has_masks(model)
+
+
+def test_patch_first_then_prune_channels():
+    model = tokenslim.patch(make_model("dinov2_registers"), r=5, keep_rate=0.7, prune_layers=(2,), fuse_pruned=True)
+    x = images(2)
+    tokenslim.prune_channels(model, heads_pruned=0.34, mlp_pruned=0.5, criterion="l1")
+    with torch.no_grad():
+        masked = model(x)
+        tokenslim.materialize(model)
+        sliced = model(x)
+        # Unpatching keeps the smaller layers and gives the plain (unreduced) pruned model.
+        tokenslim.unpatch(model)
+        plain = model(x)
+    assert (masked - sliced).abs().max().item() <= 1e-5
+    assert tokenslim.is_patched(model) is False and plain.shape == (2, 10)
