@@ -8,13 +8,6 @@ import sys
 from typing import List, Optional
 
 
-def _create_model(name: str, pretrained: bool, checkpoint: Optional[str] = None):
-    import timm
-
-    kwargs = {"checkpoint_path": checkpoint} if checkpoint else {}
-    return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
-
-
 def _progress(msg: str) -> None:
     print(f"  {msg}", file=sys.stderr, flush=True)
 
@@ -28,6 +21,7 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", nargs="+", default=["r=8", "r=13", "r=16"],
                    help="reduction settings, e.g. r=16 'r=(16,-1)' (the unpatched baseline is always included)")
     p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
+    p.add_argument("--checkpoint", default=None, help="a local checkpoint: tokenslim or timm/PyTorch state dict")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (>= 15)")
@@ -45,11 +39,12 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
 def run_benchmark(args: argparse.Namespace) -> List[dict]:
     import torch
 
+    from .loading import create_model
     from .measure.table import benchmark_settings, format_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = _create_model(args.model, args.pretrained)
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
     rows = benchmark_settings(
         model, args.settings, model_name=args.model, progress=_progress,
         batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds,

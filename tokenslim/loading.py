@@ -54,21 +54,26 @@ def save_checkpoint(
     )
 
 
-def _is_tokenslim_checkpoint(path: str) -> bool:
+def _read_tokenslim_checkpoint(path: str) -> Optional[dict]:
+    """The checkpoint dict if ``path`` is a tokenslim checkpoint, else ``None``."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        return False
-    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+        return None
+    return obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
 
 
 def load_checkpoint(path: str) -> nn.Module:
     """Rebuild a model saved by :func:`save_checkpoint`, data config included (eval mode)."""
+    obj = _read_tokenslim_checkpoint(path)
+    if obj is None:
+        raise ValueError(f"{path} is not a tokenslim checkpoint (saved by tokenslim.loading.save_checkpoint)")
+    return _build(obj, path)
+
+
+def _build(obj: dict, path: str) -> nn.Module:
     import timm
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a tokenslim checkpoint (saved by tokenslim.loading.save_checkpoint)")
     model = timm.create_model(obj["model_name"], pretrained=False, **obj["model_kwargs"])
     if obj.get("channels"):
         from .channels import restore_channels
@@ -111,8 +116,9 @@ def create_model(
     if checkpoint_path is not None:
         if not os.path.isfile(checkpoint_path):
             raise FileNotFoundError(f"no such checkpoint: {checkpoint_path}")
-        if _is_tokenslim_checkpoint(checkpoint_path):
-            return load_checkpoint(checkpoint_path)
+        obj = _read_tokenslim_checkpoint(checkpoint_path)
+        if obj is not None:
+            return _build(obj, checkpoint_path)
         if name is None:
             raise ValueError(f"{checkpoint_path} is a plain state dict: also pass the timm model name")
         model = timm.create_model(name, pretrained=False, **kwargs)
