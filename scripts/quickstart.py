@@ -4,13 +4,13 @@ Runs offline on a randomly initialised model (pass --pretrained where timm weigh
 downloaded or are cached). Usage: python scripts/quickstart.py [--r 16] [--pretrained]
 """
 import argparse
-import statistics
-import time
+import copy
 
 import timm
 import torch
 
 import tokenslim
+from tokenslim.measure import compare
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--pairs", type=int, default=5, help="interleaved timing pairs")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (>= 15)")
     parser.add_argument("--pretrained", action="store_true")
     args = parser.parse_args()
 
@@ -34,18 +34,14 @@ def main() -> None:
         print(f"r={args.r}: tokens entering each block {list(plan.tokens[:-1])}, leaving {plan.tokens[-1]}")
         agree = (model(x).argmax(-1) == reference.argmax(-1)).float().mean().item()
         print(f"r={args.r}: top-1 agreement with the unpatched model on random input: {agree:.2f}")
+    model.tokenslim.r = 0
 
-        ratios = []
-        for _ in range(args.pairs):
-            times = []
-            for r in (0, args.r):
-                model.tokenslim.r = r
-                t0 = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t0)
-            ratios.append(times[0] / times[1])
-    print(f"speed-up r={args.r} vs r=0 on {torch.get_num_threads()} CPU threads, batch {args.batch_size}: "
-          f"median {statistics.median(ratios):.2f}x over {args.pairs} interleaved pairs")
+    print(f"timing r=0 and r={args.r} side by side ({args.rounds} interleaved rounds)...")
+    result = compare({"r=0": model, f"r={args.r}": tokenslim.patch(copy.deepcopy(model), r=args.r)},
+                     batch_size=args.batch_size, rounds=args.rounds, latency=False, device="cpu")
+    est = result.throughput[f"r={args.r}"]
+    print(f"speed-up r={args.r} vs r=0 on {result.context.cpu_threads} CPU threads, batch {args.batch_size}: "
+          f"median {est.median:.2f}x [{est.low:.2f}, {est.high:.2f}] over {est.rounds} interleaved rounds")
 
 
 if __name__ == "__main__":

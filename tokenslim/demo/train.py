@@ -23,14 +23,11 @@ def create_demo_model(seed: int = 0) -> nn.Module:
     return timm.create_model(DEMO_MODEL, pretrained=False, **DEMO_KWARGS)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 256) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in DataLoader(data, batch_size=batch_size):
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
+def accuracy(model: nn.Module, data: Dataset) -> float:
+    """Top-1 (%) on ``data`` with the project's evaluator."""
+    from ..evaluate import evaluate
+
+    return evaluate(model, data, batch_size=256, num_workers=0, device="cpu", progress=False).top1
 
 
 def train(
