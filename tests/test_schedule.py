@@ -39,3 +39,17 @@ def test_clamp_respects_prefix():
 def test_bad_r(bad, exc):
     with pytest.raises(exc):
         parse_r(bad, 12)
+
+
+def test_plans_are_cached_per_setting_and_dropped_flags():
+    from tokenslim import ReductionSettings
+
+    s = ReductionSettings(12, r=8)
+    first = s.plan(197, 1)
+    assert s.plan(197, 1) is first  # computed once per setting
+    s.r = 4
+    assert s.plan(197, 1).merged == (4,) * 12  # a new setting invalidates the cache
+    s.keep_rate = 0.5
+    assert s.plan(197, 1).dropped == (False,) * 3 + (True,) * 9 and s.plan(197, 1).drops
+    s.fuse_pruned = True
+    assert not any(s.plan(197, 1).dropped) and not s.plan(197, 1).drops

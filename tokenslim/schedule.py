@@ -90,12 +90,14 @@ class TokenPlan:
         merged: tokens merged away in each block (the requested ``r`` after clamping).
         kept: non-prefix tokens kept by pruning in each block (``None``: no pruning there).
         fused: whether the block appends a fused token holding the pruned ones.
+        dropped: whether, after each block, some patches hold no token (pruned without fusion).
     """
 
     tokens: Tuple[int, ...]
     merged: Tuple[int, ...]
     kept: Tuple[Optional[int], ...] = ()
     fused: Tuple[bool, ...] = ()
+    dropped: Tuple[bool, ...] = ()
 
     @property
     def reduces(self) -> bool:
@@ -105,7 +107,7 @@ class TokenPlan:
     @property
     def drops(self) -> bool:
         """Whether pruning drops tokens without fusing them (their patches then hold no token)."""
-        return any(k is not None and not f for k, f in zip(self.kept, self.fused))
+        return bool(self.dropped) and self.dropped[-1]
 
 
 def plan_tokens(
@@ -141,6 +143,7 @@ def plan_tokens(
     merged: List[int] = []
     kept: List[Optional[int]] = []
     fused: List[bool] = []
+    dropped: List[bool] = []
     for r, rate in zip(r_schedule, keep_rates):
         k = None
         if rate < 1.0 and n - p > 1:
@@ -149,13 +152,14 @@ def plan_tokens(
                 k = None
         kept.append(k)
         fused.append(k is not None and fuse)
+        dropped.append((bool(dropped) and dropped[-1]) or (k is not None and not fuse))
         if k is not None:
             n = p + k + int(fuse)
         r_eff = min(r, (n - p) // 2)
         merged.append(r_eff)
         n -= r_eff
         tokens.append(n)
-    return TokenPlan(tuple(tokens), tuple(merged), tuple(kept), tuple(fused))
+    return TokenPlan(tuple(tokens), tuple(merged), tuple(kept), tuple(fused), tuple(dropped))
 
 
 DEFAULT_PRUNE_LAYERS = (3, 6, 9)
@@ -194,6 +198,7 @@ class ReductionSettings:
     ) -> None:
         self._depth = int(depth)
         self._has_class_token = has_class_token
+        self._plans: dict = {}
         self._keep_rate = None
         self._prune_layers: Tuple[int, ...] = ()
         self.r = r
@@ -319,9 +324,20 @@ class ReductionSettings:
             return self._prop_attn
         return any(self._r_schedule)
 
+    def __setattr__(self, name: str, value) -> None:
+        # Every setting change invalidates the plans computed for the old settings.
+        if not name.startswith("_") and "_plans" in self.__dict__:
+            self._plans = {}
+        super().__setattr__(name, value)
+
     def plan(self, num_tokens: int, num_prefix_tokens: int) -> TokenPlan:
-        """Token counts per block for an input of ``num_tokens`` tokens."""
-        return plan_tokens(num_tokens, num_prefix_tokens, self._r_schedule, self.keep_rates, self._fuse_pruned)
+        """Token counts per block for an input of ``num_tokens`` tokens (computed once per setting)."""
+        key = (num_tokens, num_prefix_tokens)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_tokens(num_tokens, num_prefix_tokens, self._r_schedule, self.keep_rates, self._fuse_pruned)
+            self._plans[key] = plan
+        return plan
 
     def as_dict(self) -> dict:
         """The settings as plain JSON-serialisable values."""

@@ -262,6 +262,7 @@ class _TokenSlimMixin:
             if last_index is not None and i > last_index:
                 break
             step = BlockStep(plan.merged[i], plan.kept[i], plan.fused[i], prop_attn, prefix, has_dropped)
+            has_dropped = plan.dropped[i]
             if source is None and step.r == 0 and step.keep is None:
                 # Nothing reduced yet: timm's own block, so no reduction is the unpatched computation.
                 if checkpointing:
@@ -274,7 +275,6 @@ class _TokenSlimMixin:
                 )
             else:
                 x, sizes, source = reducing_block(block, x, sizes, source, step)
-            has_dropped = has_dropped or (step.keep is not None and not step.fuse)
             if take_indices is not None and i in take_indices:
                 taken.append((x, source, has_dropped))
         return x, sizes, source, has_dropped, taken
