@@ -92,7 +92,6 @@ def test_timer_ratio_of_model_and_its_copy_is_near_one():
     # The interval should hold 1; a broken timer (one model timed twice, wrong pairing) would
     # give ratios far from 1.
     assert est.low <= 1.0 <= est.high or abs(est.median - 1) < 0.05, est
-    assert result.throughput["a"].median == 1.0
     json.dumps(result.to_dict())
 
 
