@@ -59,7 +59,8 @@ def test_settings_validate_on_assignment():
         model.tokenslim.prop_attn = 1
     assert model.tokenslim.r == 2  # a refused value leaves the old one in place
     assert model.tokenslim.as_dict() == {"r": 2, "keep_rate": None, "prune_layers": [3, 6, 9],
-                                         "fuse_pruned": False, "prop_attn": None, "depth": 4}
+                                         "fuse_pruned": False, "prop_attn": None, "depth": 4,
+                                         "method": "tome", "threshold": None, "margin": None}
     assert model.tokenslim.uses_prop_attn
 
 

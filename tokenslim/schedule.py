@@ -1,14 +1,15 @@
 """Reduction settings and the per-block token counts they imply.
 
-Everything here is plain Python: no tensors, no timm. The number of tokens that enter every block
-follows from the settings and the input token count alone, so the patched forward, the GMAC
-counter and the benchmark tables all read it from :func:`plan_tokens`.
+Everything here is plain Python: no tensors, no timm (a method's limits come from its registry
+entry). The number of tokens that enter every block follows from the settings and the input token
+count alone, so the patched forward, the GMAC counter and the benchmark tables all read it from
+:func:`plan_tokens`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 """How many tokens to merge per block.
@@ -116,6 +117,8 @@ def plan_tokens(
     r_schedule: Sequence[int],
     keep_rates: Optional[Sequence[float]] = None,
     fuse: bool = False,
+    max_merge: Optional[Callable[[int], int]] = None,
+    merge_drops: bool = False,
 ) -> TokenPlan:
     """Token counts per block for a merge schedule and optional pruning.
 
@@ -125,11 +128,17 @@ def plan_tokens(
         r_schedule: requested merges per block, e.g. from :func:`parse_r`.
         keep_rates: per block, the share of non-prefix tokens pruning keeps (1.0: no pruning).
         fuse: pruned tokens are fused into one extra token.
+        max_merge: most tokens the reduction method can remove from ``n`` non-prefix tokens in one
+            step; ``n // 2`` (bipartite matching) by default.
+        merge_drops: the method's step may drop tokens (PPT's pruning branch), so patches can be
+            left without a token from its first reducing block on.
 
     Pruning keeps ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens present (a previously
-    fused token included, as in EViT). A block merges ``min(r, (tokens - prefix) // 2)`` tokens:
-    bipartite matching can pair at most half of the mergeable tokens.
+    fused token included, as in EViT). A block merges ``min(r, max_merge(tokens - prefix))``
+    tokens: bipartite matching can pair at most half of the mergeable tokens.
     """
+    if max_merge is None:
+        max_merge = _half
     if num_prefix_tokens < 0 or num_tokens < num_prefix_tokens:
         raise ValueError(f"need 0 <= num_prefix_tokens <= num_tokens, got {num_prefix_tokens}, {num_tokens}")
     depth = len(r_schedule)
@@ -155,11 +164,17 @@ def plan_tokens(
         dropped.append((bool(dropped) and dropped[-1]) or (k is not None and not fuse))
         if k is not None:
             n = p + k + int(fuse)
-        r_eff = min(r, (n - p) // 2)
+        r_eff = min(r, max_merge(n - p))
         merged.append(r_eff)
+        if r_eff and merge_drops:
+            dropped[-1] = True
         n -= r_eff
         tokens.append(n)
     return TokenPlan(tuple(tokens), tuple(merged), tuple(kept), tuple(fused), tuple(dropped))
+
+
+def _half(n: int) -> int:
+    return n // 2
 
 
 DEFAULT_PRUNE_LAYERS = (3, 6, 9)
@@ -195,21 +210,87 @@ class ReductionSettings:
         fuse_pruned: bool = False,
         prop_attn: Optional[bool] = None,
         has_class_token: bool = True,
+        method: str = "tome",
+        threshold: Optional[float] = None,
+        margin: Optional[float] = None,
     ) -> None:
         self._depth = int(depth)
         self._has_class_token = has_class_token
         self._plans: dict = {}
         self._keep_rate = None
         self._prune_layers: Tuple[int, ...] = ()
+        self._options = {"threshold": None, "margin": None}
+        self.method = method
         self.r = r
         self.prune_layers = prune_layers
         self.keep_rate = keep_rate
         self.fuse_pruned = fuse_pruned
         self.prop_attn = prop_attn
+        self.threshold = threshold
+        self.margin = margin
 
     @property
     def depth(self) -> int:
         return self._depth
+
+    @property
+    def method(self) -> str:
+        """The reduction method that removes the ``r`` tokens of each block (see :mod:`tokenslim.methods`)."""
+        return self._method.name
+
+    @method.setter
+    def method(self, value: str) -> None:
+        from .methods import get_method
+
+        method = get_method(value)
+        if method.needs_class_token and not self._has_class_token:
+            raise ValueError(
+                f"method {method.name!r} ranks tokens by the class token's attention, and this model has no class "
+                "token (class_token=False); use method='tome', 'mlerp' or 'pitome'"
+            )
+        for name, current in getattr(self, "_options", {}).items():
+            if current is not None and method.option != name:
+                raise ValueError(f"{name}= is an option of another method, not of {method.name!r}; "
+                                 f"set {name}=None first")
+        self._method = method
+
+    @property
+    def method_spec(self):
+        """The :class:`~tokenslim.methods.base.ReductionMethod` in use."""
+        return self._method
+
+    @property
+    def threshold(self) -> Optional[float]:
+        """PPT's variance threshold (``None``: the method's default)."""
+        return self._options["threshold"]
+
+    @threshold.setter
+    def threshold(self, value: Optional[float]) -> None:
+        self._set_option("threshold", value)
+
+    @property
+    def margin(self) -> Optional[float]:
+        """PiToMe's energy margin at the first block (``None``: the method's default)."""
+        return self._options["margin"]
+
+    @margin.setter
+    def margin(self, value: Optional[float]) -> None:
+        self._set_option("margin", value)
+
+    def _set_option(self, name: str, value: Optional[float]) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
+            if self._method.option != name:
+                owner = {"threshold": "ppt", "margin": "pitome"}[name]
+                raise ValueError(f"{name}= is an option of method={owner!r}, not of method={self._method.name!r}")
+            value = float(value)
+        self._options = {**self._options, name: value}
+
+    @property
+    def option(self) -> Optional[float]:
+        """The value of the current method's option, or ``None`` (its default)."""
+        return self._options.get(self._method.option) if self._method.option else None
 
     @property
     def r(self) -> RSpec:
@@ -335,7 +416,8 @@ class ReductionSettings:
         key = (num_tokens, num_prefix_tokens)
         plan = self._plans.get(key)
         if plan is None:
-            plan = plan_tokens(num_tokens, num_prefix_tokens, self._r_schedule, self.keep_rates, self._fuse_pruned)
+            plan = plan_tokens(num_tokens, num_prefix_tokens, self._r_schedule, self.keep_rates, self._fuse_pruned,
+                               max_merge=self._method.max_r, merge_drops=self._method.may_drop)
             self._plans[key] = plan
         return plan
 
@@ -347,6 +429,7 @@ class ReductionSettings:
         return {
             "r": plain(self._r), "keep_rate": plain(self._keep_rate), "prune_layers": list(self._prune_layers),
             "fuse_pruned": self._fuse_pruned, "prop_attn": self._prop_attn, "depth": self._depth,
+            "method": self._method.name, "threshold": self.threshold, "margin": self.margin,
         }
 
     def __repr__(self) -> str:

@@ -1,7 +1,8 @@
 """Reduction settings written as text, for the command line and result files.
 
-A setting is comma-separated ``key=value`` pairs whose values are Python literals, e.g.
-``r=16``, ``r=(16,-1)``, ``r=[8,8,8],prop_attn=False``, ``mlp_pruned=0.5,r=8``. ``none`` (or an
+A setting is comma-separated ``key=value`` pairs whose values are Python literals (or
+``true``/``false`` and bare words such as method names), e.g. ``r=16``, ``r=(16,-1)``,
+``r=[8,8,8],prop_attn=false``, ``mlp_pruned=0.5,r=8``, ``r=8,method=diffrate``. ``none`` (or an
 empty string) means the unpatched model. Keys are the keyword arguments of :func:`tokenslim.patch`
 and the channel-pruning keys ``heads_pruned``, ``mlp_pruned``, ``criterion`` (a data-free one:
 ``l1`` or ``l2``) and ``materialize`` (default ``True``: physically smaller layers; ``False``
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
@@ -58,11 +59,29 @@ def parse_setting(text: str) -> Dict[str, Any]:
             raise ValueError(f"setting {text!r}: expected key=value pairs such as r=16, got {pair!r}")
         if key not in allowed:
             raise ValueError(f"setting {text!r}: unknown key {key!r}; known keys: {', '.join(allowed)}")
-        try:
-            out[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise ValueError(f"setting {text!r}: value of {key} is not a literal: {value!r}") from None
+        if key in out:
+            raise ValueError(f"setting {text!r}: {key} is given twice; give each key once")
+        out[key] = _parse_value(text, key, value.strip())
     return out
+
+
+_WORDS = {"true": True, "false": False, "none": None}
+
+
+def _parse_value(text: str, key: str, value: str) -> Any:
+    """A Python literal; also ``true``/``false``/``none`` in any case, and bare words as strings
+    (``method=diffrate``, ``criterion=l1``)."""
+    if value.lower() in _WORDS:
+        return _WORDS[value.lower()]
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        if value.replace("_", "").replace("-", "").isalnum() and not value[0].isdigit():
+            return value
+        raise ValueError(
+            f"setting {text!r}: cannot read the value of {key}: {value!r}. Write numbers (16, 0.7), lists "
+            "([8,8,4]), tuples ((16,-1)), true/false, or a bare word (method=diffrate)"
+        ) from None
 
 
 def format_setting(setting: Dict[str, Any]) -> str:
@@ -93,3 +112,29 @@ def apply_setting(model: nn.Module, setting: Dict[str, Any]) -> nn.Module:
     if not patch_kwargs:
         return unpatch(model)
     return patch(model, **patch_kwargs)
+
+
+def check_setting(model: nn.Module, setting: Dict[str, Any], text: Optional[str] = None) -> None:
+    """Raise the error :func:`apply_setting` would raise for ``model``, without touching it or its weights.
+
+    Used by the command line to refuse a bad setting before any long evaluation or timing starts.
+    The patch is tried on a weightless meta-device copy; channel-pruning values are range-checked.
+    """
+    from .measure.macs import meta_copy
+    from .ops.masks import _check_ratio
+    from .timm_vit import patch, token_plan
+
+    label = text if text is not None else format_setting(setting)
+    try:
+        for key in ("heads_pruned", "mlp_pruned"):
+            if key in setting:
+                _check_ratio(setting[key])
+        if setting.get("criterion", "l2") not in ("l1", "l2"):
+            raise ValueError(f"criterion must be l1 or l2 in settings text, got {setting['criterion']!r}")
+        if not isinstance(setting.get("materialize", True), bool):
+            raise TypeError(f"materialize must be true or false, got {setting['materialize']!r}")
+        patch_kwargs = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
+        if patch_kwargs:
+            token_plan(patch(meta_copy(model), **patch_kwargs))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"setting {label!r} cannot be used with this model: {e}") from None

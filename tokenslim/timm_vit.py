@@ -33,6 +33,7 @@ from torch import nn
 from .ops import (
     bipartite_soft_matching,
     merge_tokens,
+    prune_scores,
     prune_sizes,
     prune_tokens,
     select_tokens,
@@ -40,6 +41,9 @@ from .ops import (
     unmerge,
     update_source,
 )
+from .methods import StepInputs
+from .methods.base import ReductionMethod
+from .methods.tome import METHOD as TOME
 from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
 
 TIMM_MIN = (1, 0, 28)
@@ -98,6 +102,7 @@ class AttentionOutput(NamedTuple):
     out: torch.Tensor
     metric: Optional[torch.Tensor]
     cls_attn: Optional[torch.Tensor]
+    value_score: Optional[torch.Tensor] = None
 
 
 def attention_forward(
@@ -106,6 +111,7 @@ def attention_forward(
     log_size: Optional[torch.Tensor] = None,
     return_metric: bool = False,
     return_cls_attn: bool = False,
+    return_value_score: bool = False,
 ) -> AttentionOutput:
     """timm ``Attention.forward`` with an additive per-key bias, plus what token reduction needs.
 
@@ -117,6 +123,8 @@ def attention_forward(
         return_cls_attn: also return the class token's attention row averaged over heads
             (``[B, N]``, EViT's importance). Only that row is computed (``q_cls`` against all keys,
             same scale and bias), so the full map is never built and SDPA stays fused.
+        return_value_score: also return ``[B, N]`` sum over heads of the class attention times the
+            norm of each head's value (PPT's importance), from the same single row.
 
     The bias goes to ``F.scaled_dot_product_attention`` as a float mask in the query dtype, so the
     fused kernel (memory-efficient / math) is kept; the manual path (``fused_attn=False``) adds it
@@ -131,14 +139,21 @@ def attention_forward(
     head_mask = getattr(attn, HEAD_MASK_BUFFER, None)
     metric = _head_mean(k, head_mask) if return_metric else None
     bias = None if log_size is None else log_size.to(q.dtype)
-    cls_attn = None
-    if return_cls_attn:
+    cls_attn = value_score = None
+    if return_cls_attn or return_value_score:
         # SDPA scales by 1/sqrt(head_dim); the manual path by the stored scale. Match each.
         scale = q.shape[-1] ** -0.5 if attn.fused_attn else attn.scale
         row = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)
         if log_size is not None:
             row = row + log_size
-        cls_attn = _head_mean(row.softmax(dim=-1)[:, :, 0], head_mask)
+        row = row.softmax(dim=-1)[:, :, 0]  # [B, H, N]
+        if return_cls_attn:
+            cls_attn = _head_mean(row, head_mask)
+        if return_value_score:
+            weighted = row * v.float().norm(dim=-1)
+            if head_mask is not None:
+                weighted = weighted * head_mask.to(weighted.dtype).view(1, -1, 1)
+            value_score = weighted.sum(dim=1)
     if attn.fused_attn:
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
@@ -151,7 +166,7 @@ def attention_forward(
     y = attn.norm(y.transpose(1, 2).reshape(batch, n, attn.attn_dim))
     if gate is not None:
         y = y * gate
-    return AttentionOutput(attn.proj_drop(attn.proj(y)), metric, cls_attn)
+    return AttentionOutput(attn.proj_drop(attn.proj(y)), metric, cls_attn, value_score)
 
 
 class BlockStep(NamedTuple):
@@ -163,6 +178,10 @@ class BlockStep(NamedTuple):
     prop_attn: bool
     num_prefix_tokens: int
     has_dropped: bool  # earlier pruning dropped tokens without fusion (source map holds -1)
+    method: ReductionMethod = TOME
+    option: Optional[float] = None
+    layer: int = 0
+    depth: int = 1
 
 
 def reducing_block(
@@ -182,22 +201,36 @@ def reducing_block(
         ``(tokens, sizes, source)`` after the block.
     """
     log_size = size_log_bias(sizes) if step.prop_attn and sizes is not None else None
+    method, reduce = step.method, step.r > 0
     attn = attention_forward(
-        block.attn, block.norm1(x), log_size, return_metric=step.r > 0, return_cls_attn=step.keep is not None
+        block.attn, block.norm1(x), log_size,
+        return_metric=reduce and method.needs_keys,
+        return_cls_attn=step.keep is not None or (reduce and method.needs_cls_attn),
+        return_value_score=reduce and method.needs_value_score,
     )
     x = x + block.drop_path1(block.ls1(attn.out))
-    metric, has_dropped = attn.metric, step.has_dropped
+    metric, cls_attn, value_score, has_dropped = attn.metric, attn.cls_attn, attn.value_score, step.has_dropped
     if step.keep is not None:
         plan = select_tokens(attn.cls_attn, step.keep, step.num_prefix_tokens, step.fuse)
         x = prune_tokens(x, plan, attn.cls_attn)
         if metric is not None:
             metric = prune_tokens(metric, plan, attn.cls_attn)
+        if reduce and method.needs_cls_attn:
+            cls_attn = prune_scores(cls_attn, plan)
+        if value_score is not None:
+            value_score = prune_scores(value_score, plan)
         sizes = prune_sizes(sizes, plan)
         source = update_source(source, plan.dest, has_dropped)
         has_dropped = has_dropped or not step.fuse
-    if step.r > 0:
+    if reduce and method is TOME:
         plan = bipartite_soft_matching(metric, step.r, step.num_prefix_tokens)
         x, sizes = merge_tokens(x, sizes, plan.dest, plan.num_out)
+        source = update_source(source, plan.dest, has_dropped)
+    elif reduce:
+        inputs = StepInputs(x, metric, cls_attn, value_score, step.num_prefix_tokens, step.layer, step.depth,
+                            step.option)
+        plan = method.plan(inputs, step.r)
+        x, sizes = merge_tokens(x, sizes, plan.dest, plan.num_out, has_dropped=method.may_drop, norm=method.norm)
         source = update_source(source, plan.dest, has_dropped)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, sizes, source
@@ -252,6 +285,7 @@ class _TokenSlimMixin:
             )
         settings = self.tokenslim
         prop_attn = settings.uses_prop_attn
+        method, option, depth = settings.method_spec, settings.option, len(self.blocks)
         prefix = self.num_prefix_tokens
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         sizes: Optional[torch.Tensor] = None
@@ -261,7 +295,8 @@ class _TokenSlimMixin:
         for i, block in enumerate(self.blocks):
             if last_index is not None and i > last_index:
                 break
-            step = BlockStep(plan.merged[i], plan.kept[i], plan.fused[i], prop_attn, prefix, has_dropped)
+            step = BlockStep(plan.merged[i], plan.kept[i], plan.fused[i], prop_attn, prefix, has_dropped,
+                             method, option, i, depth)
             has_dropped = plan.dropped[i]
             if source is None and step.r == 0 and step.keep is None:
                 # Nothing reduced yet: timm's own block, so no reduction is the unpatched computation.
@@ -420,6 +455,9 @@ def patch(
     prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
     fuse_pruned: bool = False,
     prop_attn: Optional[bool] = None,
+    method: str = "tome",
+    threshold: Optional[float] = None,
+    margin: Optional[float] = None,
 ) -> nn.Module:
     """Patch a timm Vision Transformer in place for token merging and/or pruning.
 
@@ -436,6 +474,10 @@ def patch(
             holds, so pooling and proportional attention weigh it like a merged token.
         prop_attn: proportional attention, ``log(size)`` of each key added to the logits. ``None``
             (default): on when merging (ToMe), off for pruning alone (EViT has none).
+        method: how each block removes its ``r`` tokens (see :mod:`tokenslim.methods`): ``"tome"``
+            (default, exact ToMe), ``"mlerp"``, ``"pitome"``, ``"diffrate"``, ``"ppt"``.
+        threshold: PPT's variance threshold (``method="ppt"`` only; default 7e-5).
+        margin: PiToMe's energy margin at the first block (``method="pitome"`` only; default 0.75).
 
     Returns:
         The same model object, patched. Patching a patched model replaces its settings (it does
@@ -451,7 +493,8 @@ def patch(
     _check_supported(model)
     settings = ReductionSettings(
         len(model.blocks), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
-        prop_attn=prop_attn, has_class_token=model.cls_token is not None,
+        prop_attn=prop_attn, has_class_token=model.cls_token is not None, method=method,
+        threshold=threshold, margin=margin,
     )
     if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned:
         _refuse_drops_with_patch_pooling(model)

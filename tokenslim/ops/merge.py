@@ -17,31 +17,53 @@ def merge_tokens(
     sizes: Optional[torch.Tensor],
     dest: torch.Tensor,
     num_out: int,
+    has_dropped: bool = False,
+    norm: str = "mean",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merge tokens along a destination map with a size-weighted mean.
 
     Args:
         x: ``[B, N, C]`` tokens.
         sizes: ``[B, N, 1]`` sizes, or ``None`` for all ones.
-        dest: ``[B, N]`` output slot of every token (see :func:`~tokenslim.ops.matching.bipartite_soft_matching`).
+        dest: ``[B, N]`` output slot of every token (see :func:`~tokenslim.ops.matching.bipartite_soft_matching`);
+            ``-1`` drops a token (only read when ``has_dropped``).
         num_out: number of output tokens.
+        has_dropped: ``dest`` may hold ``-1``: those tokens are dropped, with their sizes. A static
+            flag, so the common case pays nothing for it.
+        norm: ``"mean"``: the size-weighted mean (ToMe). ``"max"``: the size-weighted mean rescaled
+            to the largest norm among the merged tokens (ToFu's norm-preserving MLERP merge); a token
+            merged with nothing is unchanged either way.
 
     Returns:
-        ``(merged [B, num_out, C] in x's dtype, sizes [B, num_out, 1] float32)``. The size-weighted
-        sum of features is preserved; sums are taken in float32 whatever the input dtype.
+        ``(merged [B, num_out, C] in x's dtype, sizes [B, num_out, 1] float32)``. With ``"mean"`` the
+        size-weighted sum of features is preserved; sums are taken in float32 whatever the input dtype.
     """
     batch, n, c = x.shape
     if dest.shape != (batch, n):
         raise ValueError(f"dest must be [{batch}, {n}], got {tuple(dest.shape)}")
+    if norm not in ("mean", "max"):
+        raise ValueError(f"norm must be 'mean' or 'max', got {norm!r}")
+    slots = num_out
+    if has_dropped:
+        # Dropped tokens go to one extra slot that is cut off afterwards.
+        dest = torch.where(dest < 0, num_out, dest)
+        slots = num_out + 1
     if sizes is None:
         sizes = x.new_ones(batch, n, 1, dtype=torch.float32)
+    xf = x.float()
     # Features and sizes travel in one scatter: one pass over memory instead of two.
-    weighted = torch.cat([x.float() * sizes, sizes], dim=-1)
-    summed = weighted.new_zeros(batch, num_out, c + 1).scatter_add(
+    weighted = torch.cat([xf * sizes, sizes], dim=-1)
+    summed = weighted.new_zeros(batch, slots, c + 1).scatter_add(
         1, dest.unsqueeze(-1).expand(batch, n, c + 1), weighted
-    )
+    )[:, :num_out]
     new_sizes = summed[..., c:]
-    return (summed[..., :c] / new_sizes).to(x.dtype), new_sizes
+    merged = summed[..., :c] / new_sizes
+    if norm == "max":
+        largest = xf.new_zeros(batch, slots, 1).scatter_reduce(
+            1, dest.unsqueeze(-1), xf.norm(dim=-1, keepdim=True), reduce="amax", include_self=False
+        )[:, :num_out]
+        merged = merged * (largest / merged.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(merged.dtype).tiny))
+    return merged.to(x.dtype), new_sizes
 
 
 def update_source(source: Optional[torch.Tensor], dest: torch.Tensor, has_dropped: bool = False) -> torch.Tensor:

@@ -96,3 +96,12 @@ def prune_sizes(sizes: Optional[torch.Tensor], plan: PrunePlan) -> Optional[torc
         sizes = torch.ones(batch, n, 1, dtype=torch.float32, device=plan.dest.device)
     out = sizes.new_zeros(batch, plan.num_out, 1)
     return out.scatter_add_(1, plan.dest.unsqueeze(-1), sizes)
+
+
+def prune_scores(scores: torch.Tensor, plan: PrunePlan) -> torch.Tensor:
+    """``[B, N]`` per-token scores after pruning: kept tokens keep theirs, a fused token gets the
+    dropped tokens' total (the attention it now stands for)."""
+    kept = scores.gather(1, plan.keep_idx)
+    if plan.num_out == plan.keep_idx.shape[1]:
+        return kept
+    return torch.cat([kept, scores.gather(1, plan.drop_idx).sum(dim=1, keepdim=True)], dim=1)

@@ -1,0 +1,45 @@
+"""Token-reduction methods behind one interface (:class:`~tokenslim.methods.base.ReductionMethod`).
+
+Each method is a small pure-tensor module that plans a block's reduction step from what the
+attention computed; the framework adapters (e.g. :mod:`tokenslim.timm_vit`) only wire them in.
+Choose one with ``tokenslim.patch(model, r=..., method="...")`` or ``method=...`` in settings text.
+
+==========  ===============================================================================
+tome        ToMe: bipartite soft matching on the keys, size-weighted mean (default, exact)
+mlerp       ToFu's norm-preserving MLERP merge on ToMe's matching
+pitome      PiToMe: energy score picks redundant tokens to merge, protects the rest
+diffrate    DiffRate: rank by class attention, merge the lowest into the most similar top ones
+ppt         PPT: per image, ToMe-merge or prune by value-weighted class attention
+==========  ===============================================================================
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+from . import diffrate, mlerp, pitome, ppt, tome
+from .base import ReductionMethod, StepInputs, StepPlan
+
+METHODS: Dict[str, ReductionMethod] = {m.METHOD.name: m.METHOD for m in (tome, mlerp, pitome, diffrate, ppt)}
+DEFAULT_METHOD = "tome"
+
+
+def method_names() -> Tuple[str, ...]:
+    """Names accepted by ``method=``."""
+    return tuple(METHODS)
+
+
+def get_method(name: str) -> ReductionMethod:
+    """The method registered under ``name``.
+
+    Raises:
+        ValueError: an unknown name (the error lists the known ones).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method name (str), got {type(name).__name__}")
+    try:
+        return METHODS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "DEFAULT_METHOD", "ReductionMethod", "StepInputs", "StepPlan", "get_method", "method_names"]

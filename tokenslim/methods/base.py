@@ -1,0 +1,99 @@
+"""The interface every token-reduction method implements.
+
+A method plans one reduction step of a block from what the block's attention already computed,
+and says what it needs from that attention. Plans are destination maps (``[B, N]``, the output slot
+of every token, ``-1`` for a dropped token), so sizes, source maps, unmerging and proportional
+attention work the same for every method; the merge itself is the shared
+:func:`tokenslim.ops.merge_tokens`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+
+class StepInputs(NamedTuple):
+    """What a block hands to a method after its attention residual.
+
+    Attributes:
+        x: ``[B, N, C]`` tokens.
+        keys: ``[B, N, head_dim]`` keys averaged over heads (ToMe's metric), when the method asks.
+        cls_attn: ``[B, N]`` the class token's attention row averaged over heads, when asked.
+        value_score: ``[B, N]`` sum over heads of class attention times the value norm, when asked.
+        num_prefix_tokens: leading tokens that are never reduced and stay first, in order.
+        layer: 0-based block index; ``depth``: number of blocks.
+        option: the value of the method's option (PPT's ``threshold``, PiToMe's ``margin``), or ``None``.
+    """
+
+    x: torch.Tensor
+    keys: Optional[torch.Tensor]
+    cls_attn: Optional[torch.Tensor]
+    value_score: Optional[torch.Tensor]
+    num_prefix_tokens: int
+    layer: int
+    depth: int
+    option: Optional[float]
+
+
+class StepPlan(NamedTuple):
+    """One reduction step: where every token goes.
+
+    Attributes:
+        dest: ``[B, N]`` int64 output slot of every token; ``-1``: dropped (no token holds it).
+        num_out: tokens after the step.
+    """
+
+    dest: torch.Tensor
+    num_out: int
+
+
+@dataclass(frozen=True)
+class ReductionMethod:
+    """A named token-reduction method.
+
+    Attributes:
+        name: the value of ``method=`` in :func:`tokenslim.patch` and in settings text.
+        summary: one line for docs and errors.
+        plan: ``plan(inputs, r) -> StepPlan`` removing exactly ``r`` tokens (``r`` already clamped
+            to :attr:`max_r`).
+        max_r: most tokens one step can remove from ``n`` non-prefix tokens.
+        needs_keys / needs_cls_attn / needs_value_score: what the attention must return.
+        needs_class_token: the method ranks tokens by the class token's attention.
+        may_drop: a step may remove tokens without merging them anywhere (pruning).
+        norm: how tokens that share a slot are combined (``"mean"`` or ``"max"``, see
+            :func:`tokenslim.ops.merge_tokens`).
+        full_attention: the method needs the full attention map (fused attention is lost).
+        option: name of the method's one numeric option (a keyword of :func:`tokenslim.patch`),
+            ``None`` if it has none; ``option_default``: its default value.
+    """
+
+    name: str
+    summary: str
+    plan: Callable[[StepInputs, int], StepPlan]
+    max_r: Callable[[int], int]
+    needs_keys: bool = False
+    needs_cls_attn: bool = False
+    needs_value_score: bool = False
+    needs_class_token: bool = False
+    may_drop: bool = False
+    norm: str = "mean"
+    full_attention: bool = False
+    option: Optional[str] = None
+    option_default: Optional[float] = None
+
+
+def half(n: int) -> int:
+    """Bipartite matching pairs at most half of the mergeable tokens."""
+    return n // 2
+
+
+def all_but_one(n: int) -> int:
+    """Ranked merging and pruning keep at least one non-prefix token."""
+    return max(n - 1, 0)
+
+
+def prefix_slots(batch: int, p: int, device: torch.device) -> torch.Tensor:
+    """Destination of the prefix tokens: their own slots, first."""
+    return torch.arange(p, device=device).expand(batch, p)
