@@ -53,7 +53,8 @@ def test_sweep_and_benchmark_commands(tiny_checkpoint_and_data, tmp_path, capsys
     assert "thru x" in capsys.readouterr().out
 
 
-def test_bad_setting_fails_before_work(tiny_checkpoint_and_data):
+def test_bad_setting_fails_before_work(tiny_checkpoint_and_data, capsys):
     ckpt, labels = tiny_checkpoint_and_data
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "rr=4"])
+    assert exit_info.value.code == 2 and "unknown key" in capsys.readouterr().err

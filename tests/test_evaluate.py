@@ -128,7 +128,7 @@ def test_tar_gz_reader_on_cifar():
     assert data.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     img, label = data[0]
     assert img.size == (32, 32)
-    counts = torch.bincount(torch.tensor([t for _, t in data._items]))
+    counts = torch.bincount(torch.tensor(data.targets))
     assert counts.tolist() == [1000] * 10
 
 

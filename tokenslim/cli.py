@@ -119,7 +119,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="float32")
     p.add_argument("--img-size", type=int, default=None, help="override the model's input size")
-    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--json", default=None,
+                   help="write the results to this JSON file after every setting; a rerun skips settings already there")
+    p.add_argument("--fresh", action="store_true", help="ignore earlier results in --json/--out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -135,19 +137,45 @@ def format_eval(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _check_output_file(path: Optional[str], flag: str) -> None:
+    """Create the folder of an output file now, before any work, or say why it cannot be written."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; pass a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create the folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def _load_model_and_settings(args: argparse.Namespace):
+    """The unpatched model and the parsed settings, every setting checked against the model."""
+    from .loading import create_model
+    from .spec import check_setting, parse_setting
+
+    settings = [(t, parse_setting(t)) for t in args.settings]  # syntax first, before loading anything
+    import torch
+
+    torch.manual_seed(0)  # a randomly initialised model is then the same on every rank and every run
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    for text, setting in settings:
+        check_setting(model, setting, text)
+    return model, [s for _, s in settings]
+
+
 def run_eval(args: argparse.Namespace) -> List[dict]:
     import copy
 
     from .evaluate import evaluate, init_from_env, open_dataset, resolve_transform, subset
-    from .loading import create_model
-    from .spec import apply_setting, format_setting, parse_setting
-
-    import torch
+    from .spec import apply_setting, format_setting
 
     info = init_from_env()
-    settings = [parse_setting(t) for t in args.settings]  # fail on a bad setting before loading anything
-    torch.manual_seed(0)  # a randomly initialised model is then the same on every rank and every run
-    base = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    _check_output_file(args.json, "--json")
+    base, settings = _load_model_and_settings(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, data_config = resolve_transform(base, **overrides)
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
@@ -155,24 +183,56 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
         print(f"{args.model or args.checkpoint}: {len(data)} images from {args.data}, world size {info.world_size}, "
               f"input {data_config['input_size']}, mean {data_config['mean']}, std {data_config['std']}",
               file=sys.stderr)
+    header = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
+              "seed": args.seed, "precision": args.precision,
+              "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}}
+    done = _read_eval_json(args.json, header, args.fresh) if args.json else {}
     rows = []
     common = dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                   precision=args.precision, progress=not args.quiet)
-    base_result = evaluate(base, data, label="none", **common)
-    rows.append({"setting": "none", "model": args.model, **base_result.to_dict()})
-    for setting in settings:
-        name = format_setting(setting)
-        model = apply_setting(copy.deepcopy(base), setting)
-        result = evaluate(model, data, reference=base, label=name, **common)
+    names = ["none"] + [format_setting(s) for s in settings]
+    for name in dict.fromkeys(names):  # repeated settings run once
+        if name in done:
+            if info.is_main and not args.quiet:
+                _progress(f"{name}: already in {args.json}, skipped (--fresh to redo)")
+            rows.append(done[name])
+            continue
+        if name == "none":
+            result = evaluate(base, data, label="none", **common)
+        else:
+            from .spec import parse_setting
+
+            model = apply_setting(copy.deepcopy(base), parse_setting(name))
+            result = evaluate(model, data, reference=base, label=name, **common)
         rows.append({"setting": name, "model": args.model, **result.to_dict()})
+        if info.is_main and args.json:
+            _write_json(args.json, {**header, "results": rows})  # after every setting: nothing lost
     if info.is_main:
         print(format_eval(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"data": args.data, "limit": args.limit, "seed": args.seed, "data_config":
-                           {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()},
-                           "results": rows}, f, indent=2)
     return rows
+
+
+def _read_eval_json(path: str, header: dict, fresh: bool) -> dict:
+    if fresh or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"--json {path} exists but cannot be read ({e}); pass --fresh to overwrite it") from None
+    theirs = {k: old.get(k) for k in header}
+    if theirs != json.loads(json.dumps(header)):
+        differ = sorted(k for k in header if json.loads(json.dumps(header[k])) != theirs.get(k))
+        raise ValueError(f"--json {path} holds results of another evaluation ({', '.join(differ)} differ); "
+                         "pass --fresh to overwrite it or choose another file")
+    return {row["setting"]: row for row in old.get("results", [])}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,17 +248,17 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
     from .evaluate import open_dataset, resolve_transform, subset
-    from .loading import create_model
-    from .spec import parse_setting
-    from .sweep import format_sweep, run_sweep, write_outputs
+    from .sweep import check_out_dir, format_sweep, run_sweep, write_outputs
 
-    for t in args.settings:
-        parse_setting(t)
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    check_out_dir(args.out)
+    model, _ = _load_model_and_settings(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, _ = resolve_transform(model, **overrides)
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
     name = args.model or os.path.basename(args.checkpoint)
+    run = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
+           "seed": args.seed, "precision": args.precision, "img_size": args.img_size,
+           "bench_batch_size": args.bench_batch_size, "rounds": args.rounds}
     rows = run_sweep(
         model, args.settings, data, model_name=name,
         eval_kwargs=dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
@@ -206,9 +266,11 @@ def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
         bench_kwargs=dict(batch_size=args.bench_batch_size, rounds=args.rounds, device=args.device,
                           precision=args.precision, img_size=args.img_size),
         progress=None if args.quiet else _progress,
+        jsonl_path=os.path.join(args.out, "sweep.jsonl"), run=run, fresh=args.fresh,
     )
-    paths = write_outputs(rows, args.out, "sweep", title=f"{name}: top-1 vs measured speed-up")
     print(format_sweep(rows))
+    print("* = on the accuracy/throughput Pareto front; d top1 = paired difference to the unpatched model")
+    paths = write_outputs(rows, args.out, "sweep", title=f"{name}: top-1 vs measured speed-up")
     print("wrote " + ", ".join(paths.values()))
     return rows
 
@@ -228,17 +290,21 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenslim", description="Make timm ViTs faster without retraining.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     add_benchmark_args(sub.add_parser("benchmark", help="side-by-side speed against the unpatched model"))
     add_macs_args(sub.add_parser("macs", help="GMACs, parameters and token counts per setting"))
     add_eval_args(sub.add_parser("eval", help="accuracy and agreement with the unpatched model (torchrun-ready)"))
     add_sweep_args(sub.add_parser("sweep", help="accuracy and measured speed of many settings, with a Pareto plot"))
     add_demo_args(sub.add_parser("demo", help="offline demo: train a small ViT on generated shapes, then sweep"))
+    for command in sub.choices.values():
+        # Also accepted after the command; SUPPRESS keeps the top-level value when it is not given there.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback on errors")
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+def _dispatch(args: argparse.Namespace) -> None:
     if args.command == "benchmark":
         run_benchmark(args)
     elif args.command == "macs":
@@ -252,6 +318,30 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         run_demo(args.out, args.settings, args.train_images, args.test_images, args.epochs, args.retrain,
                  args.rounds, args.batch_size)
+
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError, KeyError)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run the ``tokenslim`` command. Errors print one message and exit with status 2 (``--debug``:
+    the full traceback); Ctrl-C exits with 130 after saying that finished work is kept."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _dispatch(args)
+    except KeyboardInterrupt:
+        print(f"tokenslim {args.command}: interrupted; finished results are kept (run the same command to "
+              "resume sweeps and --json evaluations)", file=sys.stderr)
+        raise SystemExit(130)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        message = str(e).strip() or type(e).__name__
+        if isinstance(e, KeyError):
+            message = f"missing key {message}"
+        print(f"tokenslim {args.command}: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,51 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
     return flags
 
 
+def dedupe_settings(settings: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Canonical names of ``settings`` in order, the unpatched ``none`` first, each once.
+
+    Returns ``(names, duplicates)``: the settings to run and the inputs that repeated an earlier one.
+    """
+    names, duplicates = ["none"], []
+    for text in settings:
+        name = format_setting(parse_setting(text))
+        if name in names:
+            duplicates.append(text)
+        else:
+            names.append(name)
+    return names, duplicates
+
+
+def read_rows(path: str, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Finished rows of an earlier run of the same sweep in the JSONL file ``path``, by setting.
+
+    Raises:
+        ValueError: the file holds rows of a different run (other model, data or timing options).
+    """
+    done: Dict[str, Dict[str, Any]] = {}
+    if not os.path.isfile(path):
+        return done
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                # A run killed while writing leaves at most a torn last line: it is redone.
+                continue
+            if row.get("run") != run:
+                theirs = row.get("run") or {}
+                differ = sorted(k for k in set(run) | set(theirs) if run.get(k) != theirs.get(k))
+                raise ValueError(
+                    f"{path}:{lineno} holds results of a different sweep ({', '.join(differ) or 'unknown'} "
+                    "differ); pass --fresh (fresh=True) to start over, or write to another --out"
+                )
+            done[row["setting"]] = row
+    return done
+
+
 def run_sweep(
     model: nn.Module,
     settings: Sequence[str],
@@ -42,26 +87,69 @@ def run_sweep(
     eval_kwargs: Optional[Dict[str, Any]] = None,
     bench_kwargs: Optional[Dict[str, Any]] = None,
     progress: Optional[Callable[[str], None]] = None,
+    jsonl_path: Optional[str] = None,
+    run: Optional[Dict[str, Any]] = None,
+    fresh: bool = False,
 ) -> List[Dict[str, Any]]:
     """Evaluate and benchmark every setting against the unpatched ``model``.
 
     Accuracy comes from :func:`tokenslim.evaluate.evaluate` with the unpatched model as reference;
-    speed from :func:`tokenslim.measure.table.benchmark_settings` (all settings interleaved in one
-    process). Returns one JSON-serialisable row per setting, the unpatched model first, with a
-    ``pareto`` flag for the accuracy/throughput front.
+    speed from :func:`tokenslim.measure.table.benchmark_settings`, each setting interleaved with
+    the unpatched model in one process. Returns one JSON-serialisable row per setting, the unpatched
+    model first, with a ``pareto`` flag for the accuracy/throughput front.
+
+    Nothing finished is lost: with ``jsonl_path`` each setting's row is appended to that file the
+    moment it is done, and a rerun with the same ``run`` description (model, data, options) skips
+    the settings already there. ``fresh=True`` deletes the file first. Repeated settings run once.
     """
+    say = progress or (lambda msg: None)
     eval_kwargs = dict(eval_kwargs or {})
-    names = ["none"] + [format_setting(parse_setting(s)) for s in settings]
-    speed = {r["setting"]: r for r in benchmark_settings(model, settings, model_name=model_name,
-                                                         progress=progress, **(bench_kwargs or {}))}
-    rows = []
-    for name in names:
+    bench_kwargs = dict(bench_kwargs or {})
+    names, duplicates = dedupe_settings(settings)
+    if duplicates:
+        say(f"skipping repeated settings: {', '.join(duplicates)}")
+    run = dict(run or {"model": model_name})
+    done: Dict[str, Dict[str, Any]] = {}
+    if jsonl_path:
+        os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+        if fresh and os.path.exists(jsonl_path):
+            os.remove(jsonl_path)
+        done = read_rows(jsonl_path, run)
+        resumed = [n for n in names if n in done]
+        if resumed:
+            say(f"resuming: {len(resumed)} of {len(names)} settings already in {jsonl_path} ({', '.join(resumed)})")
+    if len(names) < 2:
+        raise ValueError("a sweep needs at least one setting besides the unpatched model (e.g. r=8)")
+    rows: Dict[str, Dict[str, Any]] = dict(done)
+    pending_base: Optional[Dict[str, Any]] = None
+
+    def write(row: Dict[str, Any]) -> None:
+        rows[row["setting"]] = row
+        if jsonl_path:
+            with open(jsonl_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    for i, name in enumerate(names):
+        if name in done:
+            continue
+        say(f"[{i + 1}/{len(names)}] {name}: accuracy")
         candidate = apply_setting(copy.deepcopy(model), parse_setting(name))
         reference = None if name == "none" else model
         acc = evaluate(candidate, data, reference=reference, label=name, **eval_kwargs)
         row = {"model": model_name, "setting": name, **{k: v for k, v in acc.to_dict().items() if k != "settings"}}
-        row.update({k: v for k, v in speed[name].items() if k not in ("model", "setting")})
-        rows.append(row)
+        row["run"] = run
+        if name == "none":
+            pending_base = row  # its speed row comes with the first setting's timing
+            continue
+        say(f"[{i + 1}/{len(names)}] {name}: speed, interleaved with the unpatched model")
+        timed = {r["setting"]: r for r in benchmark_settings(model, [name], model_name=model_name, **bench_kwargs)}
+        row.update({k: v for k, v in timed[name].items() if k not in ("model", "setting")})
+        if pending_base is not None:
+            pending_base.update({k: v for k, v in timed["none"].items() if k not in ("model", "setting")})
+            write(pending_base)
+            pending_base = None
+        write(row)
+    rows = [rows[n] for n in names]
     flags = pareto_front([(r["throughput_ratio"], r["top1"]) for r in rows])
     for row, flag in zip(rows, flags):
         row["pareto"] = flag
@@ -143,12 +231,27 @@ def pareto_svg(rows: Sequence[Dict[str, Any]], title: str = "") -> str:
     return "\n".join(out)
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Create ``out_dir`` now, before any work, or say why it cannot be used."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} is an existing file; pass a folder (it is created if missing)")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder {out_dir}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"the output folder {out_dir} is not writable")
+
+
 def write_outputs(rows: Sequence[Dict[str, Any]], out_dir: str, stem: str, title: str = "") -> Dict[str, str]:
-    """Write ``<stem>.csv``, ``<stem>.jsonl``, ``<stem>.svg`` and ``<stem>.txt`` into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write ``<stem>.csv``, ``<stem>.jsonl`` (with the Pareto flags), ``<stem>.svg`` and ``<stem>.txt``
+    into ``out_dir``."""
+    check_out_dir(out_dir)
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("csv", "jsonl", "svg", "txt")}
     write_csv(rows, paths["csv"])
-    write_jsonl(rows, paths["jsonl"])
+    tmp = paths["jsonl"] + ".tmp"
+    write_jsonl(rows, tmp)
+    os.replace(tmp, paths["jsonl"])
     with open(paths["svg"], "w") as f:
         f.write(pareto_svg(rows, title))
     with open(paths["txt"], "w") as f:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
+from .data import check_labels
 from ..measure.benchmark import resolve_precision
 
 
@@ -117,6 +118,13 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    num_classes = getattr(model, "num_classes", None)
+    ref_classes = getattr(reference, "num_classes", None) if reference is not None else None
+    if isinstance(num_classes, int) and isinstance(ref_classes, int) and ref_classes != num_classes:
+        raise ValueError(f"the reference model has {ref_classes} classes and the model {num_classes}: "
+                         "agreement and KL need the same classes")
+    if isinstance(num_classes, int):
+        check_labels(data, num_classes)
     info = dist_utils.current()
     if device is None:
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"

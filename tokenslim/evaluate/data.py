@@ -2,17 +2,22 @@
 
 Everything resolves to a map-style ``torch.utils.data.Dataset`` of ``(image, label)`` pairs:
 
-* a folder of class sub-folders, or a ``.tar`` of them: timm's ``create_dataset`` (timm's readers);
-* a ``.tar.gz``/``.tgz`` of class folders (timm's reader takes plain ``.tar`` only): decompressed
-  once into memory, classes in sorted order like ImageFolder;
+* a folder of class sub-folders (classes in sorted order, like ImageFolder), or a ``.tar`` of them;
+* a ``.tar.gz``/``.tgz`` of class folders: decompressed once into memory;
 * a label file (``.txt``/``.csv``) listing ``filename label`` (space) or ``./path, label`` (comma)
   lines, paths relative to the label file.
+
+An image that cannot be read (corrupt, truncated, missing) is an error that names it: an
+evaluation never silently uses another image in its place (timm's own dataset does). Every dataset
+here knows its labels without decoding an image (``targets``), so label ranges are checked before
+any work.
 """
 from __future__ import annotations
 
 import io
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -26,6 +31,19 @@ LABEL_FILE_EXTENSIONS = (".txt", ".csv", ".lst")
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def decode_image(data_or_path, name: str) -> Image.Image:
+    """Open and fully decode an RGB image, or raise an error naming it (PIL decodes lazily, so a
+    truncated file would otherwise fail later, far from its name)."""
+    try:
+        img = Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path)
+        img.load()
+        return img.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {name} does not exist (was it moved or deleted?)") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        raise ValueError(f"cannot read image {name}: {type(e).__name__}: {e}. Replace or remove the file") from None
 
 
 def parse_label_file(path: str) -> List[Tuple[str, int]]:
@@ -76,9 +94,83 @@ class LabelFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def targets(self) -> List[int]:
+        return [t for _, t in self.samples]
+
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        img = Image.open(path).convert("RGB")
+        img = decode_image(path, path)
+        return (self.transform(img) if self.transform else img), target
+
+
+class ImageFolderDataset(Dataset):
+    """A folder of class folders (``<root>/<class>/<image>``); classes are the sorted folder names."""
+
+    def __init__(self, root: str, transform: Optional[Callable] = None) -> None:
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.samples: List[Tuple[str, int]] = []
+        for index, cls in enumerate(self.classes):
+            for folder, _, files in sorted(os.walk(os.path.join(root, cls))):
+                self.samples.extend((os.path.join(folder, f), index) for f in sorted(files) if _is_image(f))
+        if not self.samples:
+            raise ValueError(f"data folder {root} holds no images in class folders (<class>/<image>)")
+        self.transform = transform
+
+    @property
+    def targets(self) -> List[int]:
+        return [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        img = decode_image(path, path)
+        return (self.transform(img) if self.transform else img), target
+
+
+class TarImageFolder(Dataset):
+    """Class folders inside an uncompressed ``.tar`` (random access by member offset, nothing unpacked)."""
+
+    def __init__(self, path: str, transform: Optional[Callable] = None) -> None:
+        self.path = path
+        try:
+            with tarfile.open(path, "r:") as archive:
+                members = [m for m in archive.getmembers() if m.isfile() and _is_image(m.name)]
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ValueError(f"cannot read the archive {path}: {e}. Is it a complete .tar file?") from None
+        entries = []
+        for m in members:
+            parts = m.name.strip("/").split("/")
+            if len(parts) >= 2:
+                entries.append((parts[-2], m))
+        if not entries:
+            raise ValueError(f"{path} holds no images in class folders (<class>/<image>)")
+        self.classes = sorted({c for c, _ in entries})
+        index = {c: i for i, c in enumerate(self.classes)}
+        self._members = [(m, index[c]) for c, m in entries]
+        self.transform = transform
+        self._archive = None
+
+    @property
+    def targets(self) -> List[int]:
+        return [t for _, t in self._members]
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_archive"] = None  # each worker process opens its own handle
+        return state
+
+    def __getitem__(self, i: int):
+        member, target = self._members[i]
+        if self._archive is None:
+            self._archive = tarfile.open(self.path, "r:")
+        data = self._archive.extractfile(member).read()
+        img = decode_image(data, f"{member.name} in {self.path}")
         return (self.transform(img) if self.transform else img), target
 
 
@@ -90,27 +182,35 @@ class TarGzImageFolder(Dataset):
     """
 
     def __init__(self, path: str, transform: Optional[Callable] = None) -> None:
-        entries: List[Tuple[str, bytes]] = []
-        with tarfile.open(path, "r:gz") as archive:
-            for member in archive:
-                if member.isfile() and _is_image(member.name):
-                    parts = member.name.strip("/").split("/")
-                    if len(parts) < 2:
-                        continue  # an image at the archive root has no class folder
-                    entries.append((parts[-2], archive.extractfile(member).read()))
+        entries: List[Tuple[str, str, bytes]] = []
+        try:
+            with tarfile.open(path, "r:gz") as archive:
+                for member in archive:
+                    if member.isfile() and _is_image(member.name):
+                        parts = member.name.strip("/").split("/")
+                        if len(parts) < 2:
+                            continue  # an image at the archive root has no class folder
+                        entries.append((parts[-2], member.name, archive.extractfile(member).read()))
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"cannot read the archive {path}: {type(e).__name__}: {e}. Is the download complete?") from None
         if not entries:
             raise ValueError(f"{path} holds no images in class folders (<class>/<image>)")
-        self.classes = sorted({c for c, _ in entries})
+        self.path = path
+        self.classes = sorted({c for c, _, _ in entries})
         index = {c: i for i, c in enumerate(self.classes)}
-        self._items = [(data, index[c]) for c, data in entries]
+        self._items = [(name, data, index[c]) for c, name, data in entries]
         self.transform = transform
+
+    @property
+    def targets(self) -> List[int]:
+        return [t for _, _, t in self._items]
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __getitem__(self, i: int):
-        data, target = self._items[i]
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+        name, data, target = self._items[i]
+        img = decode_image(data, f"{name} in {self.path}")
         return (self.transform(img) if self.transform else img), target
 
 
@@ -123,19 +223,43 @@ def open_dataset(path: str, transform: Optional[Callable] = None) -> Dataset:
         return TarGzImageFolder(path, transform)
     if os.path.isfile(path) and lower.endswith(LABEL_FILE_EXTENSIONS):
         return LabelFileDataset(path, transform)
-    if os.path.isdir(path) or lower.endswith(".tar"):
-        from timm.data import create_dataset
-
-        if os.path.isdir(path) and not any(_is_image(f) for _, _, files in os.walk(path) for f in files):
-            raise ValueError(f"data folder {path} holds no images (expected <class>/<image> files)")
-        ds = create_dataset("", root=path, split="validation", transform=transform)
-        if len(ds) == 0:
-            raise ValueError(f"{path} holds no images in class folders (<class>/<image>)")
-        return ds
+    if os.path.isdir(path):
+        return ImageFolderDataset(path, transform)
+    if lower.endswith(".tar"):
+        return TarImageFolder(path, transform)
     raise ValueError(
         f"cannot read {path}: pass a folder of class folders, a .tar or .tar.gz of them, "
         f"or a label file ({', '.join(LABEL_FILE_EXTENSIONS)})"
     )
+
+
+def dataset_targets(data: Dataset) -> Optional[List[int]]:
+    """The labels of ``data`` without decoding images (through :func:`subset`), or ``None`` if unknown."""
+    if isinstance(data, Subset):
+        inner = dataset_targets(data.dataset)
+        return None if inner is None else [inner[i] for i in data.indices]
+    targets = getattr(data, "targets", None)
+    return list(targets) if targets is not None else None
+
+
+def check_labels(data: Dataset, num_classes: int, source: str = "the data") -> None:
+    """Refuse labels outside ``[0, num_classes)`` before any evaluation, naming the first offender."""
+    targets = dataset_targets(data)
+    if targets is None or num_classes is None or num_classes <= 0:
+        return
+    bad = [(i, t) for i, t in enumerate(targets) if not 0 <= t < num_classes]
+    if bad:
+        i, t = bad[0]
+        where = ""
+        base = data.dataset if isinstance(data, Subset) else data
+        index = data.indices[i] if isinstance(data, Subset) else i
+        samples = getattr(base, "samples", None)
+        if samples is not None:
+            where = f" ({samples[index][0]})"
+        raise ValueError(
+            f"{source}: {len(bad)} labels lie outside the model's {num_classes} classes, e.g. label {t} of item "
+            f"{index}{where}. Check the label file or folder against the model's classes (num_classes)"
+        )
 
 
 def resolve_transform(model: torch.nn.Module, **overrides: Any) -> Tuple[Callable, Dict[str, Any]]:
