@@ -61,7 +61,9 @@ def test_sweep_killed_midway_resumes_without_recomputing(tiny, tmp_path, monkeyp
     evaluated.clear()
     interrupt = False
     main(_sweep_args(ckpt, labels, out, "r=2", "r=4", "r=6", "r=4"))
-    assert evaluated == ["r=6"]  # only the unfinished setting ran; the repeated r=4 ran once
+    # Only the unfinished setting ran (plus the unpatched model's outputs, its reference); the
+    # repeated r=4 ran once.
+    assert evaluated == ["none", "r=6"]
     rows = [json.loads(line) for line in open(out / "sweep.jsonl")]
     assert [r["setting"] for r in rows] == ["none", "r=2", "r=4", "r=6"]
     assert all("pareto" in r for r in rows)
@@ -186,3 +188,21 @@ def test_sweep_dedupes_settings_and_says_so():
     names, duplicates = sweep_module.dedupe_settings(["r=4", "r=4", "none", "r=(4,0)", "r = 4"])
     assert names == ["none", "r=4", "r=(4,0)"] and duplicates == ["r=4", "none", "r = 4"]
 
+
+
+def test_cached_reference_logits_give_the_same_result(tiny):
+    import copy
+
+    import tokenslim
+
+    _, labels = tiny
+    base = make_model("vit")
+    transform, _ = resolve_transform(base)
+    data = open_dataset(str(labels), transform)
+    patched = tokenslim.patch(copy.deepcopy(base), r=12)
+    direct = evaluate(patched, data, reference=base, num_workers=0, progress=False, batch_size=4)
+    logits = evaluate(base, data, num_workers=0, progress=False, keep_logits=True).logits
+    cached = evaluate(patched, data, reference_logits=logits, num_workers=0, progress=False, batch_size=4)
+    for key in ("top1", "agreement", "kl", "top1_diff", "top1_diff_se", "reference_top1"):
+        assert getattr(cached, key) == pytest.approx(getattr(direct, key), abs=1e-6), key
+    assert "logits" not in cached.to_dict()

@@ -34,6 +34,12 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
     return flags
 
 
+def _single_process() -> bool:
+    from .evaluate.distributed import current
+
+    return current().world_size == 1
+
+
 def dedupe_settings(settings: Sequence[str]) -> Tuple[List[str], List[str]]:
     """Canonical names of ``settings`` in order, the unpatched ``none`` first, each once.
 
@@ -122,6 +128,8 @@ def run_sweep(
         raise ValueError("a sweep needs at least one setting besides the unpatched model (e.g. r=8)")
     rows: Dict[str, Dict[str, Any]] = dict(done)
     pending_base: Optional[Dict[str, Any]] = None
+    # The unpatched model's outputs, computed once and reused as every setting's reference.
+    reference_logits = None
 
     def write(row: Dict[str, Any]) -> None:
         rows[row["setting"]] = row
@@ -133,9 +141,17 @@ def run_sweep(
         if name in done:
             continue
         say(f"[{i + 1}/{len(names)}] {name}: accuracy")
+        if name != "none" and reference_logits is None and _single_process():
+            say("unpatched model: outputs for reference")
+            reference_logits = evaluate(model, data, label="none", keep_logits=True, **eval_kwargs).logits
         candidate = apply_setting(copy.deepcopy(model), parse_setting(name))
-        reference = None if name == "none" else model
-        acc = evaluate(candidate, data, reference=reference, label=name, **eval_kwargs)
+        if name == "none":
+            acc = evaluate(candidate, data, label=name, keep_logits=_single_process(), **eval_kwargs)
+            reference_logits = acc.logits
+        elif reference_logits is not None:
+            acc = evaluate(candidate, data, reference_logits=reference_logits, label=name, **eval_kwargs)
+        else:
+            acc = evaluate(candidate, data, reference=model, label=name, **eval_kwargs)
         row = {"model": model_name, "setting": name, **{k: v for k, v in acc.to_dict().items() if k != "settings"}}
         row["run"] = run
         if name == "none":

@@ -52,8 +52,10 @@ class EvalResult:
     settings: Dict[str, Any] = field(default_factory=dict)
     versions: Dict[str, str] = field(default_factory=dict)
 
+    logits: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "logits"}
 
 
 def _versions() -> Dict[str, str]:
@@ -98,6 +100,8 @@ def evaluate(
     precision: str = "float32",
     progress: bool = True,
     label: str = "eval",
+    reference_logits: Optional[torch.Tensor] = None,
+    keep_logits: bool = False,
 ) -> EvalResult:
     """Top-1/top-5, loss and, given a reference model, agreement, KL and the paired top-1 difference.
 
@@ -115,6 +119,11 @@ def evaluate(
         device: defaults to CUDA (this rank's GPU) when available, else CPU.
         precision: ``float32``, ``bfloat16``, ``float16``, ``amp_bfloat16`` or ``amp_float16``.
         progress: print progress to stderr (main rank only).
+        reference_logits: ``[len(data), classes]`` logits of the reference on ``data`` in order,
+            e.g. ``logits`` of an earlier result: used instead of running ``reference`` again
+            (a sweep evaluates the unpatched model once). Single process only.
+        keep_logits: keep this model's ``[len(data), classes]`` float32 logits as ``result.logits``
+            (not part of :meth:`EvalResult.to_dict`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -125,6 +134,13 @@ def evaluate(
                          "agreement and KL need the same classes")
     if isinstance(num_classes, int):
         check_labels(data, num_classes)
+    if reference_logits is not None:
+        if reference is not None:
+            raise ValueError("pass either reference or reference_logits, not both")
+        if dist_utils.current().world_size > 1:
+            raise ValueError("reference_logits works in a single process only; pass reference= under torchrun")
+        if reference_logits.shape[0] != len(data):
+            raise ValueError(f"reference_logits has {reference_logits.shape[0]} rows for {len(data)} images")
     info = dist_utils.current()
     if device is None:
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -141,6 +157,8 @@ def evaluate(
     sums = torch.zeros(2, dtype=torch.float64)  # loss, KL
     bar = _Progress(len(data), progress and info.is_main, label)
     start = time.perf_counter()
+    kept: list = []
+    offset = 0
     for images, target in loader:
         images = images.to(device=device, dtype=dtype, non_blocking=True)
         target = target.to(device)
@@ -152,9 +170,14 @@ def evaluate(
         counts[1] += int((top5 == target[:, None]).any(-1).sum())
         counts[2] += images.shape[0]
         sums[0] += float(F.cross_entropy(logits, target, reduction="sum").double())
-        if reference is not None:
-            with amp():
-                ref_logits = models[1](images).float()
+        if keep_logits:
+            kept.append(logits.cpu())
+        if reference is not None or reference_logits is not None:
+            if reference_logits is not None:
+                ref_logits = reference_logits[offset:offset + images.shape[0]].to(device).float()
+            else:
+                with amp():
+                    ref_logits = models[1](images).float()
             ref_c1 = ref_logits.argmax(-1) == target
             counts[3] += int((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
             counts[4] += int(ref_c1.sum())
@@ -165,6 +188,7 @@ def evaluate(
             sums[1] += float((ref_logp.exp() * (ref_logp - logits.log_softmax(-1).double())).sum())
         # Progress counts all ranks' images, estimated from this rank's share.
         bar.update(images.shape[0] * info.world_size)
+        offset += images.shape[0]
     dist_utils.all_reduce_sum(counts, info)
     dist_utils.all_reduce_sum(sums, info)
     n = int(counts[2])
@@ -184,7 +208,9 @@ def evaluate(
         settings=model.tokenslim.as_dict() if hasattr(model, "tokenslim") else {},
         versions=_versions(),
     )
-    if reference is not None:
+    if keep_logits:
+        result.logits = torch.cat(kept) if kept else None
+    if reference is not None or reference_logits is not None:
         mean_d = int(counts[5]) / n
         var = (int(counts[6]) - n * mean_d ** 2) / (n - 1) if n > 1 else float("nan")
         result.agreement = 100.0 * int(counts[3]) / n
