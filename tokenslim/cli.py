@@ -1,4 +1,4 @@
-"""The ``tokenslim`` command: demo, macs, benchmark, eval and sweep from the shell."""
+"""The ``tokenslim`` command: demo, macs, benchmark, eval, sweep and tune from the shell."""
 from __future__ import annotations
 
 import argparse
@@ -275,6 +275,70 @@ def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
+def add_tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
+    p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
+    p.add_argument("--checkpoint", default=None, help="a local checkpoint: tokenslim or timm/PyTorch state dict")
+    p.add_argument("--data", required=True, help="calibration images (labels optional): folder, .tar(.gz) or label file")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--speedup", type=float, default=None, help="measured throughput ratio to reach (default 1.5)")
+    target.add_argument("--max-drop", type=float, default=None,
+                        help="instead: the fastest setting losing at most this many points (top-1, or agreement)")
+    p.add_argument("--methods", nargs="+", default=["tome", "diffrate"], help="reduction methods to search")
+    p.add_argument("--method-option", action="append", default=[], metavar="METHOD:SETTING",
+                   help="extra settings text for a method, e.g. ppt:threshold=0.7")
+    p.add_argument("--limit", type=int, default=1000, help="calibration images (a deterministic subset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=2, help="tokens added to a block per greedy step")
+    p.add_argument("--budget-min", type=float, default=20.0, help="wall-time budget in minutes")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size the speed-up is measured at")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (>= 15)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="float32")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--out", default="results/tune", help="folder for candidates.jsonl/csv and tune.json (resumable)")
+    p.add_argument("--fresh", action="store_true", help="ignore earlier candidates in --out")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_tune_cmd(args: argparse.Namespace):
+    from .evaluate import open_dataset, resolve_transform, subset
+    from .loading import create_model
+    from .sweep import check_out_dir
+    from .tune import tune
+
+    check_out_dir(args.out)
+    options = {}
+    for item in args.method_option:
+        method, sep, text = item.partition(":")
+        if not sep:
+            raise ValueError(f"--method-option {item!r}: write METHOD:SETTING, e.g. ppt:threshold=0.7")
+        options[method] = text
+    speedup = args.speedup if args.speedup is not None or args.max_drop is not None else 1.5
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
+    transform, _ = resolve_transform(model, **overrides)
+    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    result = tune(
+        model, data, speedup=speedup, max_drop=args.max_drop, methods=args.methods, step=args.step,
+        batch_size=args.batch_size, img_size=args.img_size, device=args.device, precision=args.precision,
+        rounds=args.rounds, budget_min=args.budget_min, num_workers=args.workers, method_options=options,
+        out_dir=args.out, fresh=args.fresh, progress=None if args.quiet else _progress,
+        run_info={"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
+                  "seed": args.seed},
+    )
+    b = result.best
+    goal = f"target {result.target}x" if result.target else f"drop budget {result.max_drop} points"
+    acc = f", top-1 {b.top1:.2f} ({b.top1_diff:+.2f})" if b.top1 is not None else ""
+    print(f"setting: {result.setting}")
+    print(f"  {goal}; re-measured {b.throughput_ratio:.2f}x [{b.throughput_ratio_low:.2f}, {b.throughput_ratio_high:.2f}] "
+          f"at batch {args.batch_size}; MAC ratio {b.mac_ratio:.2f}; agreement {b.agreement:.2f}%, KL {b.kl:.4f}{acc}; "
+          f"{len(result.candidates)} candidates, {result.seconds / 60:.1f} min")
+    print("wrote " + ", ".join(result.files.values()))
+    return result
+
+
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     from .demo import DEFAULT_SETTINGS
 
@@ -296,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_macs_args(sub.add_parser("macs", help="GMACs, parameters and token counts per setting"))
     add_eval_args(sub.add_parser("eval", help="accuracy and agreement with the unpatched model (torchrun-ready)"))
     add_sweep_args(sub.add_parser("sweep", help="accuracy and measured speed of many settings, with a Pareto plot"))
+    add_tune_args(sub.add_parser("tune", help="search the most accurate setting for a measured speed-up"))
     add_demo_args(sub.add_parser("demo", help="offline demo: train a small ViT on generated shapes, then sweep"))
     for command in sub.choices.values():
         # Also accepted after the command; SUPPRESS keeps the top-level value when it is not given there.
@@ -313,6 +378,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_eval(args)
     elif args.command == "sweep":
         run_sweep_cmd(args)
+    elif args.command == "tune":
+        run_tune_cmd(args)
     elif args.command == "demo":
         from .demo import run_demo
 

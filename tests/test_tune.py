@@ -1,0 +1,103 @@
+"""tune: the search logic on a tiny model, with a deterministic stand-in for the timer (speed is
+measured in benchmarks, never asserted in unit tests)."""
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import tokenslim.tune as tune_module
+from conftest import images, make_model
+from tokenslim.measure.benchmark import Comparison, RatioEstimate
+from tokenslim.measure.macs import count_macs
+from tokenslim.spec import apply_setting, parse_setting
+
+
+def _data(n=16):
+    return TensorDataset(images(n, seed=5), torch.arange(n) % 10)
+
+
+def _fake_device(monkeypatch, efficiency):
+    """A 'device' whose speed-up is efficiency x the MAC ratio, so the search must correct for it."""
+    def fake_compare(models, baseline, **kw):
+        base = count_macs(models[baseline]).gmacs
+        out = {}
+        for name, m in models.items():
+            ratio = base / count_macs(m).gmacs * (efficiency if name != baseline else 1.0)
+            out[name] = RatioEstimate(ratio, ratio * 0.98, ratio * 1.02, 0.95, 15)
+        return Comparison(baseline, out, {}, {}, {}, None)
+
+    monkeypatch.setattr(tune_module, "compare", fake_compare)
+
+
+def test_meets_a_speed_target_after_correcting_for_efficiency(monkeypatch, tmp_path):
+    _fake_device(monkeypatch, efficiency=0.8)
+    model = make_model("vit", depth=6)
+    result = tune_module.tune(model, _data(), speedup=1.3, methods=["tome"], step=4, out_dir=str(tmp_path))
+    assert result.best.throughput_ratio >= 1.3  # the re-measurement meets the target
+    assert result.best.mac_ratio >= 1.3 / 0.8 * 0.99
+    # The setting is settings text that patches a model to the same compute.
+    patched = apply_setting(make_model("vit", depth=6), parse_setting(result.setting))
+    assert count_macs(patched).gmacs == pytest.approx(result.best.gmacs)
+    assert (tmp_path / "candidates.csv").exists() and (tmp_path / "tune.json").exists()
+
+
+def test_greedy_spends_reduction_where_it_costs_least(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    model = make_model("vit", depth=6)
+    # Plant the sensitivity: the last two blocks barely change the output, so merging before them
+    # costs nearly nothing; blocks 0-3 carry the signal.
+    with torch.no_grad():
+        for block in model.blocks[4:]:
+            for p in block.parameters():
+                p.mul_(1e-3)
+    result = tune_module.tune(model, _data(), speedup=1.15, methods=["tome"], step=4)
+    r = parse_setting(result.setting)["r"]
+    assert sum(r[:3]) <= sum(r[3:]), f"expected the reduction late in the network, got {r}"
+
+
+def test_max_drop_zero_keeps_every_prediction(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    model = make_model("vit", depth=4)
+    result = tune_module.tune(model, _data(), speedup=None, max_drop=0.0, methods=["tome"], step=4)
+    assert result.best.top1_diff == 0.0 or result.best.agreement == 100.0
+    assert result.best.throughput_ratio is not None
+
+
+def test_resume_replays_finished_candidates(monkeypatch, tmp_path):
+    _fake_device(monkeypatch, efficiency=0.9)
+    model = make_model("vit", depth=6)
+    calls = []
+    real = tune_module.evaluate
+    monkeypatch.setattr(tune_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seen = []
+
+    def kill_after_five(msg):
+        seen.append(msg)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path),
+                         progress=kill_after_five)
+    before = len(calls)
+    calls.clear()
+    full = tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path))
+    resumed_calls = len(calls)
+    calls.clear()
+    fresh = tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path),
+                             fresh=True)
+    assert fresh.setting == full.setting
+    # The resumed run did not redo the candidates finished before the kill (1 call: calibration).
+    assert resumed_calls == len(calls) - (before - 1)
+    calls.clear()
+    tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path))
+    assert len(calls) == 1  # everything replayed; only the unpatched calibration outputs
+
+
+def test_bad_targets_are_refused():
+    model = make_model("vit")
+    with pytest.raises(ValueError, match="exactly one target"):
+        tune_module.tune(model, _data(), speedup=1.5, max_drop=1.0)
+    with pytest.raises(ValueError, match="must be > 1"):
+        tune_module.tune(model, _data(), speedup=0.9)
+    with pytest.raises(ValueError, match="unknown method"):
+        tune_module.tune(model, _data(), methods=["nope"])

@@ -1,0 +1,363 @@
+"""``tokenslim.tune``: the most faithful setting that reaches a measured speed-up on this device.
+
+The search needs no labels. Fidelity is measured against the unpatched model on calibration
+images (mean KL of the outputs, top-1 agreement; top-1 as well when labels exist); speed is
+measured with the interleaved timer on the device, batch size, precision and input size given.
+GMACs only steer the search between measurements.
+
+Search, per method in ``methods``:
+
+1. Greedy per-block allocation: starting from no reduction, repeatedly add ``step`` merged tokens
+   to the block where it costs the least fidelity per MAC saved (every block is tried at every
+   step), until the MAC ratio reaches the MAC ratio the target needs. Where in the network tokens
+   are removed matters; this finds it from measured sensitivity instead of a fixed ramp.
+2. Measure: time the candidate interleaved with the unpatched model. The measured efficiency
+   (speed-up / MAC ratio) corrects the MAC ratio the target needs; continue the greedy walk and
+   measure again, until the target is met.
+3. Refine: move ``step`` tokens from one block to another while the MACs stay the same; keep moves
+   that improve fidelity.
+
+The method with the best fidelity at the target wins; it is re-measured once more. With
+``max_drop`` instead of ``speedup`` the greedy walk goes on while the drop (top-1 points when
+labels exist, else disagreement in percent) stays within the budget, and the fastest setting found
+is returned.
+
+Every evaluated candidate and every timing is appended to ``candidates.jsonl`` in ``out_dir`` when
+it finishes; a rerun of the same tuning replays them from that file instead of recomputing, so a
+killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from .evaluate import evaluate
+from .measure.benchmark import compare
+from .measure.macs import count_macs
+from .spec import apply_setting, parse_setting
+
+DEFAULT_METHODS = ("tome", "diffrate")
+
+
+@dataclass
+class Candidate:
+    """One evaluated setting."""
+
+    setting: str
+    method: str
+    gmacs: float
+    mac_ratio: float
+    kl: float
+    agreement: float
+    top1: Optional[float] = None
+    top1_diff: Optional[float] = None
+    throughput_ratio: Optional[float] = None
+    throughput_ratio_low: Optional[float] = None
+    throughput_ratio_high: Optional[float] = None
+    phase: str = ""
+
+    @property
+    def drop(self) -> float:
+        """Accuracy cost in points: top-1 drop with labels, else disagreement (%)."""
+        return -self.top1_diff if self.top1_diff is not None else 100.0 - self.agreement
+
+
+@dataclass
+class TuneResult:
+    """The chosen setting and the search that found it.
+
+    Attributes:
+        setting: settings text for ``patch`` / ``sweep`` / ``benchmark`` / checkpoints.
+        best: the chosen candidate, with its final (re-)measured speed-up.
+        candidates: every candidate evaluated, in order.
+        target: the speed-up asked for (or ``None`` with ``max_drop``).
+        seconds: wall time of this call (replayed candidates cost nothing).
+        files: output files written.
+    """
+
+    setting: str
+    best: Candidate
+    candidates: List[Candidate]
+    target: Optional[float]
+    max_drop: Optional[float]
+    seconds: float
+    files: Dict[str, str] = field(default_factory=dict)
+
+
+class _Journal:
+    """Append-only record of evaluations and timings, replayed on a rerun."""
+
+    def __init__(self, path: Optional[str], run: Dict[str, Any], fresh: bool) -> None:
+        self.path, self.run = path, run
+        self.evals: Dict[str, dict] = {}
+        self.timings: Dict[str, dict] = {}
+        if path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if fresh and os.path.exists(path):
+            os.remove(path)
+        if os.path.isfile(path):
+            with open(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a torn last line from a kill
+                    if row.get("run") != run:
+                        raise ValueError(f"{path}:{lineno} was written by another tuning run (other model, data or "
+                                         "options); pass fresh=True (--fresh) or another output folder")
+                    (self.timings if row["kind"] == "timing" else self.evals)[row["setting"]] = row
+
+    def add(self, kind: str, setting: str, values: dict) -> None:
+        row = {"kind": kind, "setting": setting, **values, "run": self.run}
+        (self.timings if kind == "timing" else self.evals)[setting] = row
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _schedule_text(r: Sequence[int], method: str, extra: str = "") -> str:
+    text = f"r={list(r)}".replace(" ", "")
+    if method != "tome":
+        text += f",method={method}"
+    return text + (f",{extra}" if extra else "")
+
+
+def tune(
+    model: nn.Module,
+    data: Dataset,
+    speedup: Optional[float] = 1.5,
+    max_drop: Optional[float] = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    step: int = 2,
+    batch_size: int = 64,
+    img_size: Optional[int] = None,
+    device: Optional[str] = None,
+    precision: str = "float32",
+    rounds: int = 15,
+    budget_min: float = 20.0,
+    eval_batch_size: int = 128,
+    num_workers: int = 0,
+    method_options: Optional[Dict[str, str]] = None,
+    out_dir: Optional[str] = None,
+    fresh: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+    run_info: Optional[Dict[str, Any]] = None,
+) -> TuneResult:
+    """Find the most faithful setting that reaches ``speedup`` (or the fastest within ``max_drop``).
+
+    Args:
+        model: the unpatched model (left unchanged).
+        data: calibration images ``(image, label)``; a few hundred to a few thousand. Labels are
+            used for top-1 only when they are valid class indices.
+        speedup: measured throughput ratio to reach at ``batch_size`` (interleaved timer).
+        max_drop: alternative target: the fastest setting whose drop is at most this many points
+            (top-1 with labels, else disagreement in %). Pass ``speedup=None`` with it.
+        methods: reduction methods to search (see :mod:`tokenslim.methods`).
+        step: tokens added to a block per greedy step.
+        batch_size, img_size, device, precision, rounds: the timing conditions.
+        budget_min: wall-time budget; the search returns its best so far when it runs out.
+        method_options: extra settings text per method, e.g. ``{"ppt": "threshold=0.7"}``.
+        out_dir: where ``candidates.jsonl``, ``candidates.csv`` and ``tune.json`` go (resumable).
+        progress: called with one line per candidate.
+
+    Returns:
+        A :class:`TuneResult`; ``result.setting`` is settings text.
+    """
+    if (speedup is None) == (max_drop is None):
+        raise ValueError("give exactly one target: speedup=... (e.g. 1.5) or max_drop=... (points)")
+    if speedup is not None and not speedup > 1.0:
+        raise ValueError(f"speedup must be > 1 (a speed-up over the unpatched model), got {speedup}")
+    if max_drop is not None and not max_drop >= 0:
+        raise ValueError(f"max_drop must be >= 0 points, got {max_drop}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if budget_min <= 0:
+        raise ValueError(f"budget_min must be > 0, got {budget_min}")
+    from .methods import get_method
+
+    for m in methods:
+        get_method(m)
+    method_options = dict(method_options or {})
+    say = progress or (lambda msg: None)
+    start = time.perf_counter()
+    deadline = start + 60.0 * budget_min
+    depth = len(model.blocks)
+    run = {"target": speedup, "max_drop": max_drop, "methods": list(methods), "step": step,
+           "batch_size": batch_size, "img_size": img_size, "precision": precision, "images": len(data),
+           **(run_info or {})}
+    journal = _Journal(os.path.join(out_dir, "candidates.jsonl") if out_dir else None, run, fresh)
+
+    eval_kw = dict(batch_size=eval_batch_size, num_workers=num_workers, device=device, progress=False)
+    say(f"calibration: unpatched outputs on {len(data)} images")
+    base = evaluate(model, data, keep_logits=True, **eval_kw)
+    ref_logits = base.logits
+    from .evaluate import dataset_targets
+
+    targets = dataset_targets(data)
+    use_labels = targets is not None and all(0 <= t < ref_logits.shape[1] for t in targets)
+    base_gmacs = count_macs(model, img_size=img_size).gmacs
+    candidates: List[Candidate] = []
+    macs_by_plan: Dict[Tuple[Any, ...], float] = {}
+
+    def gmacs_of(candidate_model: nn.Module, method: str) -> float:
+        # Compute follows from the token counts (and the method's own matching work): count once.
+        from .timm_vit import token_plan
+
+        key = (method, token_plan(candidate_model, img_size).tokens)
+        if key not in macs_by_plan:
+            macs_by_plan[key] = count_macs(candidate_model, img_size=img_size).gmacs
+        return macs_by_plan[key]
+
+    def assess(text: str, method: str, phase: str) -> Candidate:
+        if text in journal.evals:
+            row = journal.evals[text]
+        else:
+            candidate_model = apply_setting(copy.deepcopy(model), parse_setting(text))
+            gmacs = gmacs_of(candidate_model, method)
+            res = evaluate(candidate_model, data, reference_logits=ref_logits, **eval_kw)
+            row = {"method": method, "gmacs": gmacs, "mac_ratio": base_gmacs / gmacs, "kl": res.kl,
+                   "agreement": res.agreement, "top1": res.top1 if use_labels else None,
+                   "top1_diff": res.top1_diff if use_labels else None}
+            journal.add("eval", text, row)
+        cand = Candidate(setting=text, method=method, gmacs=row["gmacs"], mac_ratio=row["mac_ratio"], kl=row["kl"],
+                         agreement=row["agreement"], top1=row["top1"], top1_diff=row["top1_diff"], phase=phase)
+        timing = journal.timings.get(text)
+        if timing:
+            cand.throughput_ratio = timing["throughput_ratio"]
+            cand.throughput_ratio_low, cand.throughput_ratio_high = timing["low"], timing["high"]
+        candidates.append(cand)
+        return cand
+
+    def measure(cand: Candidate, again: bool = False) -> float:
+        key = cand.setting + (" (re-measured)" if again else "")
+        if key not in journal.timings:
+            say(f"timing {cand.setting} (MAC ratio {cand.mac_ratio:.2f}) interleaved with the unpatched model")
+            models = {"none": model, "candidate": apply_setting(copy.deepcopy(model), parse_setting(cand.setting))}
+            result = compare(models, baseline="none", batch_size=batch_size, img_size=img_size, rounds=rounds,
+                             latency=False, device=device, precision=precision)
+            tp = result.throughput["candidate"]
+            journal.add("timing", key, {"throughput_ratio": tp.median, "low": tp.low, "high": tp.high})
+        t = journal.timings[key]
+        cand.throughput_ratio, cand.throughput_ratio_low, cand.throughput_ratio_high = (
+            t["throughput_ratio"], t["low"], t["high"])
+        say(f"  {cand.setting}: measured {cand.throughput_ratio:.2f}x (target {speedup})")
+        return cand.throughput_ratio
+
+    def out_of_time() -> bool:
+        return time.perf_counter() > deadline
+
+    def greedy(method: str, extra: str, r: List[int], mac_goal: Optional[float], current: Optional[Candidate]):
+        """Extend ``r`` greedily until ``mac_goal`` (or the drop budget) is reached."""
+        while not out_of_time():
+            if mac_goal is not None and current is not None and current.mac_ratio >= mac_goal:
+                return r, current
+            best, best_r, best_score = None, None, None
+            base_cost = current.kl if current is not None else 0.0
+            base_macs = current.gmacs if current is not None else base_gmacs
+            for i in range(depth):
+                trial = list(r)
+                trial[i] += step
+                text = _schedule_text(trial, method, extra)
+                cand = assess(text, method, "greedy")
+                saved = base_macs - cand.gmacs
+                if saved <= 1e-9:
+                    continue  # this block has nothing left to merge
+                score = (cand.kl - base_cost) / saved
+                if best_score is None or score < best_score:
+                    best, best_r, best_score = cand, trial, score
+            if best is None:
+                return r, current  # nothing more can be removed
+            if max_drop is not None and best.drop > max_drop:
+                return r, current
+            r, current = best_r, best
+            say(f"{method}: {best.setting}  MAC x{best.mac_ratio:.2f}  KL {best.kl:.4f}  agree {best.agreement:.2f}%")
+        return r, current
+
+    def refine(method: str, extra: str, r: List[int], current: Candidate) -> Tuple[List[int], Candidate]:
+        improved = True
+        while improved and not out_of_time():
+            improved = False
+            for i in range(depth):
+                for j in range(depth):
+                    if i == j or r[i] < step or out_of_time():
+                        continue
+                    trial = list(r)
+                    trial[i] -= step
+                    trial[j] += step
+                    cand = assess(_schedule_text(trial, method, extra), method, "refine")
+                    if cand.gmacs <= current.gmacs * 1.002 and cand.kl < current.kl - 1e-6:
+                        r, current, improved = trial, cand, True
+                        say(f"{method}: refined to {cand.setting}  KL {cand.kl:.4f}")
+        return r, current
+
+    finals: List[Candidate] = []
+    for method in methods:
+        extra = method_options.get(method, "")
+        r, current = [0] * depth, None
+        if speedup is not None:
+            goal = speedup  # MAC ratio needed, corrected by measured efficiency
+            for _ in range(6):
+                r, current = greedy(method, extra, r, goal, current)
+                if current is None or out_of_time():
+                    break
+                r, current = refine(method, extra, r, current)
+                measured = measure(current)
+                if measured >= speedup:
+                    break
+                efficiency = measured / current.mac_ratio
+                goal = max(goal, speedup / max(efficiency, 0.3)) * 1.02
+                say(f"{method}: {measured:.2f}x measured < {speedup}; aiming for MAC ratio {goal:.2f}")
+        else:
+            r, current = greedy(method, extra, r, None, current)
+            if current is not None:
+                measure(current)
+        if current is not None:
+            finals.append(current)
+    if not finals:
+        raise RuntimeError("tuning found no setting that reduces anything; is the model too small for step="
+                           f"{step}?")
+    if speedup is not None:
+        reached = [c for c in finals if (c.throughput_ratio or 0) >= speedup]
+        pool = reached or finals
+        best = min(pool, key=lambda c: (c.kl, -(c.throughput_ratio or 0))) if reached else \
+            max(pool, key=lambda c: c.throughput_ratio or 0)
+        measure(best, again=True)  # an independent re-measurement of the winner
+    else:
+        best = max(finals, key=lambda c: c.throughput_ratio or 0)
+    result = TuneResult(setting=best.setting, best=best, candidates=candidates, target=speedup, max_drop=max_drop,
+                        seconds=time.perf_counter() - start)
+    if out_dir:
+        result.files = _write(result, out_dir)
+    return result
+
+
+def _write(result: TuneResult, out_dir: str) -> Dict[str, str]:
+    import csv
+
+    paths = {"csv": os.path.join(out_dir, "candidates.csv"), "json": os.path.join(out_dir, "tune.json"),
+             "jsonl": os.path.join(out_dir, "candidates.jsonl")}
+    fields = [f for f in Candidate.__dataclass_fields__]
+    seen = {}
+    for c in result.candidates:
+        seen[c.setting] = c  # one row per setting, the latest state
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for c in seen.values():
+            writer.writerow(asdict(c))
+    with open(paths["json"], "w") as f:
+        json.dump({"setting": result.setting, "best": asdict(result.best), "target": result.target,
+                   "max_drop": result.max_drop, "seconds": round(result.seconds, 1),
+                   "candidates": len(seen)}, f, indent=2)
+    return paths
+
+
+__all__ = ["Candidate", "TuneResult", "tune"]
