@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import pytest
+import torch
 from PIL import Image
 
 import tokenslim.sweep as sweep_module
@@ -206,3 +207,52 @@ def test_cached_reference_logits_give_the_same_result(tiny):
     for key in ("top1", "agreement", "kl", "top1_diff", "top1_diff_se", "reference_top1"):
         assert getattr(cached, key) == pytest.approx(getattr(direct, key), abs=1e-6), key
     assert "logits" not in cached.to_dict()
+
+
+def test_ops_and_channel_descriptions_validate_shapes_and_indices():
+    import copy
+
+    import tokenslim
+    from tokenslim.ops import source_matrix, unmerge
+
+    with pytest.raises(ValueError, match="same batch size"):
+        unmerge(torch.zeros(2, 5, 4), torch.zeros(3, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="refers to token 6, but num_tokens=4"):
+        source_matrix(torch.tensor([[0, 6, 1]]), 4)
+    model = make_model("vit")
+    tokenslim.prune_channels(model, heads_pruned=0.34, mlp_pruned=0.5)
+    tokenslim.materialize(model)
+    desc = model.tokenslim_channels
+    bad = copy.deepcopy(desc)
+    bad["blocks"][0]["mlp"][1] = bad["blocks"][0]["mlp"][0]
+    with pytest.raises(ValueError, match="repeats MLP channel indices"):
+        tokenslim.restore_channels(make_model("vit"), bad)
+    bad = copy.deepcopy(desc)
+    bad["blocks"][1]["heads"][0] = 7
+    with pytest.raises(ValueError, match="head index 7 is out of range for 3"):
+        tokenslim.restore_channels(make_model("vit"), bad)
+
+
+def test_truncated_checkpoint_is_called_corrupt(tiny, tmp_path):
+    from tokenslim.loading import create_model
+
+    ckpt, _ = tiny
+    data = ckpt.read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        create_model(checkpoint_path=str(cut))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["benchmark", "--threads", "0"], "--threads must be >= 1"),
+    (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+    (["macs", "--settings", "r=8,r=2"], "r is given twice"),
+    (["eval", "--data", "x", "--device", "cuda:0"] if not torch.cuda.is_available() else
+     ["eval", "--data", "x", "--device", "nonsense"], "--device"),
+])
+def test_bad_flags_fail_early_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err

@@ -483,6 +483,16 @@ def restore_channels(model: nn.Module, description: Union[dict, ChannelPlan]) ->
         if b.num_heads != block.attn.num_heads or b.hidden != _hidden(block.mlp):
             raise ValueError(f"block {i}: the description is for {b.num_heads} heads / {b.hidden} channels, "
                              f"the model has {block.attn.num_heads} / {_hidden(block.mlp)}")
+        for what, kept, total in (("head", b.heads, b.num_heads), ("MLP channel", b.mlp, b.hidden)):
+            indices = list(kept)
+            if not indices:
+                raise ValueError(f"block {i}: the description keeps no {what}s")
+            if len(set(indices)) != len(indices):
+                raise ValueError(f"block {i}: the description repeats {what} indices; it is corrupt")
+            bad = [j for j in indices if not 0 <= int(j) < total]
+            if bad:
+                raise ValueError(f"block {i}: {what} index {bad[0]} is out of range for {total} {what}s; "
+                                 "the description does not belong to this model")
         _check_block(i, block, len(b.heads) < b.num_heads, len(b.mlp) < b.hidden)
         _slice_block(block, b.heads, b.mlp)
     model.tokenslim_channels = plan.to_dict()

@@ -369,7 +369,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_common(args: argparse.Namespace) -> None:
+    """Flags every command shares, checked before anything is loaded."""
+    import torch
+
+    device = getattr(args, "device", None)
+    if device:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ValueError(f"--device {device}: not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    for flag in ("threads", "batch_size", "bench_batch_size", "rounds", "epochs", "limit", "train_images",
+                 "test_images"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "workers", 0) < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+
+
 def _dispatch(args: argparse.Namespace) -> None:
+    _check_common(args)
     if args.command == "benchmark":
         run_benchmark(args)
     elif args.command == "macs":

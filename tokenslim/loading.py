@@ -55,12 +55,31 @@ def save_checkpoint(
 
 
 def _read_tokenslim_checkpoint(path: str) -> Optional[dict]:
-    """The checkpoint dict if ``path`` is a tokenslim checkpoint, else ``None``."""
+    """The checkpoint dict if ``path`` is a tokenslim checkpoint, else ``None``.
+
+    Raises:
+        ValueError: the file cannot be read at all (truncated or corrupt), naming it.
+    """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
+    except Exception as e:
+        if _readable_by_torch(path):
+            return None  # readable, just not as plain tensors: let timm's loader try it
+        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:120]}); "
+                         "download or copy it again") from None
     return obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else None
+
+
+def _readable_by_torch(path: str) -> bool:
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                return z.testzip() is None
+        except (zipfile.BadZipFile, OSError):
+            return False
+    return False
 
 
 def load_checkpoint(path: str) -> nn.Module:

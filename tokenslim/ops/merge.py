@@ -87,6 +87,9 @@ def unmerge(x: torch.Tensor, source: torch.Tensor, has_dropped: bool = False) ->
     keys equals proportional attention. That is why pooling heads need no change. Positions of
     tokens dropped without fusion (``-1``, only when ``has_dropped``) are zero.
     """
+    if source.dim() != 2 or x.dim() != 3 or source.shape[0] != x.shape[0]:
+        raise ValueError(f"unmerge needs tokens [B, N, C] and a source map [B, N0] of the same batch size, "
+                         f"got {tuple(x.shape)} and {tuple(source.shape)}")
     index = source.clamp(min=0) if has_dropped else source
     out = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return out.masked_fill((source < 0).unsqueeze(-1), 0) if has_dropped else out
@@ -104,7 +107,13 @@ def source_matrix(source: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Dense ``[B, num_tokens, N0]`` 0/1 matrix: row ``i`` marks the original tokens token ``i`` holds.
 
     This is ToMe's visualisation format; the row sums are the sizes.
+
+    Raises:
+        ValueError: ``num_tokens`` smaller than a token index in ``source`` (rows would be lost).
     """
+    if source.numel() and int(source.max()) >= num_tokens:
+        raise ValueError(f"the source map refers to token {int(source.max())}, but num_tokens={num_tokens}: "
+                         "pass the number of tokens the map refers to (e.g. trace.tokens.shape[1])")
     tokens = torch.arange(num_tokens, device=source.device)
     return (source.unsqueeze(1) == tokens.view(1, -1, 1)).to(torch.float32)
 
