@@ -1,4 +1,4 @@
-"""The ``tokenslim`` command: demo, macs, benchmark, eval, sweep and tune from the shell."""
+"""The ``tokenslim`` command: demo, macs, benchmark, eval, sweep, tune and recover from the shell."""
 from __future__ import annotations
 
 import argparse
@@ -339,6 +339,78 @@ def run_tune_cmd(args: argparse.Namespace):
     return result
 
 
+def add_recover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
+    p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
+    p.add_argument("--checkpoint", default=None, help="the unpatched model: tokenslim checkpoint or state dict")
+    p.add_argument("--settings", required=True, help="the reduction to recover from, e.g. r=8 or mlp_pruned=0.5")
+    p.add_argument("--data", required=True, help="training images: folder, .tar(.gz) or label file")
+    p.add_argument("--method", default="bias_norm", help="bias, norm, bias_norm or lora (needs tokenslim[peft])")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=2000, help="training images (a deterministic subset)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ce-weight", type=float, default=0.0, help="add cross-entropy on the labels with this weight")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", required=True, help="the recovered tokenslim checkpoint (carries settings and channels)")
+    p.add_argument("--state", default=None, help="resume file (default: OUT.state)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run_recover_cmd(args: argparse.Namespace):
+    import copy
+
+    from .evaluate import open_dataset, resolve_transform, subset
+    from .loading import create_model, save_checkpoint
+    from .recover import recover
+    from .spec import CHANNEL_KEYS, apply_setting, format_setting, parse_setting
+
+    _check_output_file(args.out, "--out")
+    setting = parse_setting(args.settings)
+    if not setting:
+        raise ValueError("--settings names no reduction; give the setting to recover from, e.g. r=8")
+    if args.method == "lora":
+        from .recover import _require_peft
+
+        _require_peft()
+    teacher = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    from .spec import check_setting
+
+    check_setting(teacher, setting, args.settings)
+    transform, config = resolve_transform(teacher)
+    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    model = apply_setting(copy.deepcopy(teacher), setting)
+    result = recover(model, teacher, data, method=args.method, steps=args.steps, lr=args.lr,
+                     batch_size=args.batch_size, ce_weight=args.ce_weight, num_workers=args.workers,
+                     seed=args.seed, state_path=args.state or args.out + ".state", progress=not args.quiet)
+    token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
+    ckpt_kwargs = _checkpoint_identity(teacher, args)
+    save_checkpoint(model, args.out, ckpt_kwargs["name"], ckpt_kwargs["kwargs"],
+                    {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+                     if k in config},
+                    extra={"recovered_from": format_setting(setting), "method": args.method, "steps": result.steps,
+                           "images": result.images, "minutes": round(result.seconds / 60, 2)},
+                    settings=format_setting(token_setting) if token_setting else None)
+    print(f"recovered {format_setting(setting)} with {args.method}: {result.steps} steps on {result.images} images, "
+          f"{result.trainable} trained parameters, {result.seconds / 60:.1f} min; loss {result.losses[0]:.4f} -> "
+          f"{result.losses[-1]:.4f}; wrote {args.out}")
+    return result
+
+
+def _checkpoint_identity(model, args) -> dict:
+    """The timm name and constructor arguments that rebuild ``model`` (from a tokenslim checkpoint if any)."""
+    if args.checkpoint:
+        import torch
+
+        obj = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "model_name" in obj:
+            return {"name": obj["model_name"], "kwargs": obj.get("model_kwargs", {})}
+    if not args.model:
+        raise ValueError("pass --model with the timm name of the checkpoint's model")
+    return {"name": args.model, "kwargs": {"num_classes": model.num_classes}}
+
+
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     from .demo import DEFAULT_SETTINGS
 
@@ -361,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(sub.add_parser("eval", help="accuracy and agreement with the unpatched model (torchrun-ready)"))
     add_sweep_args(sub.add_parser("sweep", help="accuracy and measured speed of many settings, with a Pareto plot"))
     add_tune_args(sub.add_parser("tune", help="search the most accurate setting for a measured speed-up"))
+    add_recover_args(sub.add_parser("recover", help="win back accuracy: short distillation, tuned parameters folded back"))
     add_demo_args(sub.add_parser("demo", help="offline demo: train a small ViT on generated shapes, then sweep"))
     for command in sub.choices.values():
         # Also accepted after the command; SUPPRESS keeps the top-level value when it is not given there.
@@ -404,6 +477,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_sweep_cmd(args)
     elif args.command == "tune":
         run_tune_cmd(args)
+    elif args.command == "recover":
+        run_recover_cmd(args)
     elif args.command == "demo":
         from .demo import run_demo
 
@@ -411,7 +486,8 @@ def _dispatch(args: argparse.Namespace) -> None:
                  args.rounds, args.batch_size)
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError, KeyError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError, KeyError,
+               ImportError)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -25,6 +25,7 @@ def save_checkpoint(
     model_kwargs: Optional[Dict[str, Any]] = None,
     data_config: Optional[Dict[str, Any]] = None,
     extra: Optional[Dict[str, Any]] = None,
+    settings: Optional[str] = None,
 ) -> None:
     """Save ``model`` with the name, constructor arguments and data config to rebuild it.
 
@@ -35,7 +36,17 @@ def save_checkpoint(
         model_kwargs: constructor overrides (e.g. ``img_size``, ``num_classes``).
         data_config: evaluation data config: ``input_size``, ``mean``, ``std``, ``crop_pct``, ...
         extra: anything else worth keeping (training recipe, accuracy).
+        settings: token-reduction settings text (e.g. ``"r=8,method=diffrate"``) that loading
+            applies with :func:`tokenslim.patch`: a model tuned or recovered under a reduction is
+            rebuilt with it. Channel pruning is carried by the model's kept channels instead.
     """
+    if settings is not None:
+        from .spec import CHANNEL_KEYS, parse_setting
+
+        channel = [k for k in parse_setting(settings) if k in CHANNEL_KEYS]
+        if channel:
+            raise ValueError(f"settings saved in a checkpoint are token-reduction settings; {channel} are "
+                             "carried by the materialised model itself")
     unknown = set(data_config or {}) - set(DATA_CONFIG_KEYS)
     if unknown:
         raise ValueError(f"unknown data config keys {sorted(unknown)}; known: {DATA_CONFIG_KEYS}")
@@ -49,6 +60,7 @@ def save_checkpoint(
             # Kept heads/channels of a materialised model: rebuilds its smaller layers on load.
             "channels": getattr(model, "tokenslim_channels", None),
             "extra": dict(extra or {}),
+            "settings": settings,
         },
         path,
     )
@@ -101,6 +113,10 @@ def _build(obj: dict, path: str) -> nn.Module:
     _load_state(model, obj["state_dict"], path, obj["model_name"])
     if obj["data_config"]:
         model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **obj["data_config"]}
+    if obj.get("settings"):
+        from .spec import apply_setting, parse_setting
+
+        apply_setting(model, parse_setting(obj["settings"]))
     return model.eval()
 
 

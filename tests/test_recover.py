@@ -1,0 +1,167 @@
+"""recover: short distillation with a few parameters, folded back (tiny models, a few steps)."""
+import builtins
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import tokenslim
+from conftest import SMALL, images, make_model
+from tokenslim.recover import lora_target_names, recover, trainable_parameters
+
+
+def _data(n=32):
+    return TensorDataset(images(n, seed=7), torch.arange(n) % 10)
+
+
+def _teacher(**kw):
+    """A small model with confident outputs, so a reduction visibly changes them."""
+    model = make_model("vit", **kw)
+    with torch.no_grad():
+        model.head.weight.mul_(40)
+    return model
+
+
+def _kl(model, teacher, x):
+    with torch.no_grad():
+        t = teacher(x).log_softmax(-1)
+        s = model(x).log_softmax(-1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("method", ["bias", "norm", "bias_norm"])
+def test_distillation_lowers_the_gap_and_keeps_names_and_shapes(method):
+    teacher = _teacher()
+    model = tokenslim.patch(copy.deepcopy(teacher), r=10)
+    x = _data()[:][0]
+    shapes = {n: p.shape for n, p in model.state_dict().items()}
+    frozen = {n: p.clone() for n, p in model.state_dict().items()}
+    before = _kl(model, teacher, x)
+    result = recover(model, teacher, _data(), method=method, steps=30, lr=1e-4, batch_size=16,
+                     save_every=5, progress=False)
+    assert _kl(model, teacher, x) < before
+    assert result.losses[-1] < result.losses[0]
+    assert {n: p.shape for n, p in model.state_dict().items()} == shapes
+    trained = set(trainable_parameters(model, method))
+    for n, p in model.state_dict().items():
+        if n not in trained:
+            assert torch.equal(p, frozen[n]), f"{n} changed but is not trained by {method}"
+    assert model.tokenslim.r == 10  # still the reduced model
+
+
+def test_recovery_of_materialised_channels(tmp_path):
+    teacher = _teacher()
+    model = copy.deepcopy(teacher)
+    tokenslim.prune_channels(model, mlp_pruned=0.5)
+    tokenslim.materialize(model)
+    before = _kl(model, teacher, _data()[:][0])
+    recover(model, teacher, _data(), steps=25, lr=1e-4, batch_size=16, progress=False)
+    assert _kl(model, teacher, _data()[:][0]) < before
+    assert model.blocks[0].mlp.fc1.out_features == 96
+
+
+def test_resume_continues_from_the_saved_step(tmp_path):
+    teacher = make_model("vit")
+    state = tmp_path / "rec.state"
+    whole = tokenslim.patch(copy.deepcopy(teacher), r=8)
+    recover(whole, teacher, _data(), steps=12, batch_size=16, save_every=4, progress=False)
+    # Interrupt after step 8 (the log call of the loss raises), then resume with the same arguments.
+    part = tokenslim.patch(copy.deepcopy(teacher), r=8)
+    import tokenslim.recover as rec
+
+    real_save_every = 4
+    calls = {"n": 0}
+    real_kl = rec.F.kl_div
+
+    def failing_kl(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real_kl(*a, **k)
+
+    rec.F.kl_div = failing_kl
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            recover(part, teacher, _data(), steps=12, batch_size=16, save_every=real_save_every,
+                    state_path=str(state), progress=False)
+    finally:
+        rec.F.kl_div = real_kl
+    logs = []
+    resumed = tokenslim.patch(copy.deepcopy(teacher), r=8)
+    result = recover(resumed, teacher, _data(), steps=12, batch_size=16, save_every=4, state_path=str(state),
+                     progress=False, log=logs.append)
+    assert any("at step 8/12" in m for m in logs) and result.steps == 12
+    for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_clear_errors():
+    teacher = make_model("vit")
+    model = tokenslim.patch(copy.deepcopy(teacher), r=4)
+    with pytest.raises(ValueError, match="unknown recovery method 'ssf2'"):
+        recover(model, teacher, _data(), method="ssf2")
+    with pytest.raises(ValueError, match="same classes"):
+        recover(model, make_model("vit", num_classes=7), _data(), steps=1, progress=False)
+
+
+def test_lora_without_peft_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_peft(name, *args, **kwargs):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("No module named 'peft'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    teacher = make_model("vit")
+    with pytest.raises(ImportError, match=r"pip install 'tokenslim\[peft\]'"):
+        recover(tokenslim.patch(copy.deepcopy(teacher), r=4), teacher, _data(), method="lora")
+
+
+def test_lora_targets_exclude_patch_embed():
+    names = lora_target_names(make_model("vit"))
+    assert "patch_embed.proj" not in names
+    assert names[:4] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+
+
+def test_lora_merges_back(tmp_path):
+    pytest.importorskip("peft")
+    teacher = _teacher()
+    model = tokenslim.patch(copy.deepcopy(teacher), r=10)
+    x = _data()[:][0]
+    names = {n: p.shape for n, p in model.state_dict().items()}
+    before = _kl(model, teacher, x)
+    recover(model, teacher, _data(), method="lora", steps=30, lr=1e-4, batch_size=16, progress=False)
+    assert {n: p.shape for n, p in model.state_dict().items()} == names
+    assert _kl(model, teacher, x) < before
+    assert type(model).__name__ == "TokenSlimVisionTransformer"
+
+
+def test_recover_command_writes_a_checkpoint_that_eval_reproduces(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from tokenslim.cli import main
+    from tokenslim.loading import load_checkpoint, save_checkpoint
+
+    ckpt = tmp_path / "base.pth"
+    save_checkpoint(make_model("vit"), str(ckpt), "vit_tiny_patch16_224", SMALL,
+                    data_config={"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0})
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i in range(12):
+        Image.new("RGB", (32, 32), (i * 20, 90, 200 - i * 15)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"./img/{i}.png, {i % 10}")
+    (tmp_path / "labels.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "recovered.pth"
+    main(["recover", "--checkpoint", str(ckpt), "--settings", "r=6,mlp_pruned=0.25", "--data",
+          str(tmp_path / "labels.txt"), "--steps", "4", "--batch-size", "4", "--out", str(out), "--quiet"])
+    assert "recovered r=6,mlp_pruned=0.25 with bias_norm" in capsys.readouterr().out
+    model = load_checkpoint(str(out))
+    assert model.tokenslim.r == 6 and model.blocks[0].mlp.fc1.out_features == 144
+    main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "labels.txt"), "--workers", "0", "--quiet",
+          "--json", str(tmp_path / "e.json")])
+    first = json.loads((tmp_path / "e.json").read_text())["results"][0]
+    assert first["settings"]["r"] == 6  # evaluated as the reduced model it was recovered for

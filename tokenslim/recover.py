@@ -1,0 +1,279 @@
+"""``tokenslim.recover``: win back the accuracy a reduction costs with short parameter-efficient
+distillation from the unpatched model, folded back into the weights.
+
+Training runs with the reduction active (merging, pruning, materialised channels): the student is
+the reduced model itself, the teacher the unpatched model. The loss is KL(teacher || student) on
+the outputs, so no labels are needed; with ``ce_weight > 0`` and labels that fit the head,
+cross-entropy is added. Only a few parameters train:
+
+* ``"bias"``: the biases of every Linear in the blocks ("offset" tuning);
+* ``"norm"``: the LayerNorm weights and biases (blocks and final norm);
+* ``"bias_norm"``: both (the default: no extra dependency, a few minutes on a CPU);
+* ``"lora"``: LoRA on the attention and MLP Linear layers through Hugging Face ``peft``
+  (``pip install 'tokenslim[peft]'``), merged back with ``merge_and_unload()``.
+
+All of them fold back: the recovered model has the same parameter names and shapes as before
+(plus nothing), the same architecture and therefore the same speed, and keeps its settings and
+channel plan, so :func:`tokenslim.loading.save_checkpoint` / ``tokenslim eval --checkpoint``
+reproduce its accuracy.
+
+The run is resumable: with ``state_path`` the trainable parameters, the optimizer and the step are
+saved every ``save_every`` steps and at the end; calling again with the same arguments continues.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+METHODS = ("bias", "norm", "bias_norm", "lora")
+LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|fc1_g|fc1_x))"
+"""Exactly the attention and MLP Linear layers of timm blocks (a plain ``["proj"]`` would also catch
+``patch_embed.proj``)."""
+
+
+@dataclass
+class RecoverResult:
+    """What a recovery run did.
+
+    Attributes:
+        method: the tuning method.
+        steps: optimizer steps taken in total (including steps of an interrupted earlier run).
+        images: training images seen per epoch (the dataset size).
+        losses: mean loss of each logged window, in order (for plots and checks).
+        seconds: wall time of this call.
+        trainable: number of parameters trained (LoRA: the adapter parameters).
+    """
+
+    method: str
+    steps: int
+    images: int
+    losses: List[float] = field(default_factory=list)
+    seconds: float = 0.0
+    trainable: int = 0
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__ in ("LayerNorm", "RmsNorm")
+
+
+def trainable_parameters(model: nn.Module, method: str) -> Dict[str, nn.Parameter]:
+    """The parameters ``method`` trains (``bias``/``norm``/``bias_norm``), by name."""
+    if method not in ("bias", "norm", "bias_norm"):
+        raise ValueError(f"trainable_parameters covers bias, norm and bias_norm, not {method!r}")
+    chosen: Dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if method in ("bias", "bias_norm") and isinstance(module, nn.Linear) and module.bias is not None \
+                and name.startswith("blocks."):
+            chosen[f"{name}.bias"] = module.bias
+        if method in ("norm", "bias_norm") and _is_norm(module):
+            for pname, p in module.named_parameters(recurse=False):
+                chosen[f"{name}.{pname}"] = p
+    return chosen
+
+
+def _require_peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "method='lora' needs Hugging Face peft, an optional extra: pip install 'tokenslim[peft]' "
+            "(or pip install peft). The methods bias, norm and bias_norm need nothing extra."
+        ) from None
+    return peft
+
+
+def _labels_fit(data: Dataset, num_classes: int) -> bool:
+    from .evaluate import dataset_targets
+
+    targets = dataset_targets(data)
+    return targets is not None and all(0 <= t < num_classes for t in targets)
+
+
+def recover(
+    model: nn.Module,
+    teacher: nn.Module,
+    data: Dataset,
+    method: str = "bias_norm",
+    steps: int = 300,
+    lr: Optional[float] = None,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    ce_weight: float = 0.0,
+    lora_rank: int = 8,
+    lora_alpha: int = 16,
+    num_workers: int = 0,
+    seed: int = 0,
+    state_path: Optional[str] = None,
+    save_every: int = 50,
+    progress: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+) -> RecoverResult:
+    """Distil the unpatched ``teacher`` into the reduced ``model`` by tuning a few parameters.
+
+    Args:
+        model: the reduced model (patched and/or channel-pruned); trained in place.
+        teacher: the unpatched model; its outputs must have the model's shape.
+        data: training images ``(image, label)`` with the evaluation transform (or light augmentation).
+        method: ``"bias"``, ``"norm"``, ``"bias_norm"`` or ``"lora"``.
+        steps: optimizer steps (cycling over ``data``).
+        lr: peak learning rate (cosine decay after 5% warm-up); default 1e-3 (bias/norm), 5e-4 (LoRA).
+        ce_weight: weight of cross-entropy on the labels, added to the KL when the labels fit.
+        state_path: resume file, written every ``save_every`` steps and at the end.
+        progress: a tqdm bar with the running loss (on a terminal).
+
+    Returns:
+        A :class:`RecoverResult`. ``model`` holds the folded-back weights afterwards.
+
+    Raises:
+        ValueError: an unknown method, teacher outputs of another shape, bad step counts.
+        ImportError: ``method="lora"`` without ``peft`` (naming the extra to install).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown recovery method {method!r}; known: {', '.join(METHODS)}")
+    if steps < 1 or batch_size < 1 or save_every < 1:
+        raise ValueError("steps, batch_size and save_every must be >= 1")
+    if method == "lora":
+        _require_peft()
+    if len(data) == 0:
+        raise ValueError("the training data is empty")
+    lr = lr if lr is not None else (5e-4 if method == "lora" else 1e-3)
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    names_before = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    probe = data[0][0].unsqueeze(0)
+    with torch.no_grad():
+        t_out, s_out = teacher(probe), model.eval()(probe)
+    if t_out.shape != s_out.shape:
+        raise ValueError(f"the teacher's outputs have shape {tuple(t_out.shape[1:])}, the model's "
+                         f"{tuple(s_out.shape[1:])}: distillation needs the same classes")
+    use_ce = ce_weight > 0 and _labels_fit(data, s_out.shape[-1])
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    student = model
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                            bias="none")
+        student = get_peft_model(model, config)
+        params = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    else:
+        params = trainable_parameters(model, method)
+        for p in params.values():
+            p.requires_grad_(True)
+    if not params:
+        raise ValueError(f"method {method!r} found nothing to train in this model")
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    g = torch.Generator().manual_seed(seed)
+    step, losses, resume_batch = 0, [], 0
+    if state_path and os.path.isfile(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state.get("method") != method or state.get("steps") != steps or set(state["params"]) != set(params):
+            raise ValueError(f"{state_path} belongs to another recovery run (method, steps or parameters differ); "
+                             "delete it or pass another state path")
+        with torch.no_grad():
+            for n, v in state["params"].items():
+                params[n].copy_(v)
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])  # as at the start of the interrupted epoch
+        step, losses, resume_batch = state["step"], state["losses"], state["batch"]
+        say(f"resuming recovery from {state_path} at step {step}/{steps}")
+
+    def save(epoch_state: torch.Tensor, batch: int) -> None:
+        if not state_path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(state_path)), exist_ok=True)
+        tmp = state_path + ".tmp"
+        torch.save({"method": method, "steps": steps, "step": step, "losses": losses, "generator": epoch_state,
+                    "batch": batch,
+                    "params": {n: p.detach().clone() for n, p in params.items()},
+                    "optimizer": opt.state_dict()}, tmp)
+        os.replace(tmp, state_path)
+
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    bar = tqdm(total=steps, initial=step, desc=f"recover ({method})", disable=not progress, file=sys.stderr,
+               mininterval=2)
+    student.train()
+    teacher.eval()
+    window: List[float] = []
+    while step < steps:
+        # The epoch's order comes from one draw, so a resume replays it exactly and skips what ran.
+        epoch_state = g.get_state()
+        order = torch.randperm(len(data), generator=g).tolist()
+        usable = len(order) - (len(order) % batch_size if len(order) > batch_size else 0)
+        batches = [order[i:i + batch_size] for i in range(0, usable, batch_size)]
+        first, resume_batch = resume_batch, 0
+        loader = DataLoader(data, batch_sampler=batches[first:], num_workers=num_workers)
+        for batch_index, (images, labels) in enumerate(loader, first + 1):
+            if step >= steps:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            with torch.no_grad():
+                t_logp = teacher(images).float().log_softmax(-1)
+            s_logits = student(images).float()
+            loss = F.kl_div(s_logits.log_softmax(-1), t_logp, log_target=True, reduction="batchmean")
+            if use_ce:
+                loss = loss + ce_weight * F.cross_entropy(s_logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            window.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)
+            if step % save_every == 0 or step == steps:
+                losses.append(sum(window) / len(window))
+                window = []
+                if batch_index < len(batches):
+                    save(epoch_state, batch_index)
+                else:
+                    save(g.get_state(), 0)  # the epoch is done: resume at the next one
+    bar.close()
+    if window:
+        losses.append(sum(window) / len(window))
+    if method == "lora":
+        merged = student.merge_and_unload()
+        if merged is not model:
+            model.load_state_dict(merged.state_dict())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    after = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    if after != names_before:
+        extra = sorted(set(after) - set(names_before))[:3]
+        raise RuntimeError(f"recovery changed the model's parameters (e.g. {extra}); please report this")
+    trainable = sum(p.numel() for p in params.values())
+    return RecoverResult(method, step, len(data), losses, time.perf_counter() - start, trainable)
+
+
+def lora_target_names(model: nn.Module) -> List[str]:
+    """Names of the modules ``method="lora"`` adapts (for checking the pattern on a model)."""
+    pattern = re.compile(LORA_TARGETS + r"$")
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+
+
+__all__ = ["LORA_TARGETS", "METHODS", "RecoverResult", "lora_target_names", "recover", "trainable_parameters"]
