@@ -175,15 +175,16 @@ def run_sweep(
 def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:
     """A fixed-width accuracy/speed table (``*`` marks the Pareto front)."""
     header = (f"{'setting':<38} {'top1':>6} {'d top1 +- se':>14} {'agree':>6} {'GMACs':>7} {'MAC x':>6} "
-              f"{'thru x [95% CI]':>20} {'eff':>5}")
+              f"{'thru x [95% CI]':>20} {'eff':>5} {'b1 lat x':>8}")
     lines = [header, "-" * len(header)]
     for r in rows:
         diff = f"{r['top1_diff']:+6.2f} +- {r['top1_diff_se']:4.2f}" if r.get("top1_diff") is not None else "-"
         agree = f"{r['agreement']:6.2f}" if r.get("agreement") is not None else f"{'-':>6}"
         tp = f"{r['throughput_ratio']:.2f} [{r['throughput_ratio_low']:.2f},{r['throughput_ratio_high']:.2f}]"
         mark = "*" if r.get("pareto") else " "
+        lat = f"{r['latency_ratio']:8.2f}" if r.get("latency_ratio") is not None else f"{'-':>8}"
         lines.append(f"{mark}{r['setting']:<37} {r['top1']:6.2f} {diff:>14} {agree} {r['gmacs']:7.3f} "
-                     f"{r['mac_ratio']:6.2f} {tp:>20} {r['efficiency']:5.2f}")
+                     f"{r['mac_ratio']:6.2f} {tp:>20} {r['efficiency']:5.2f} {lat}")
     return "\n".join(lines)
 
 
