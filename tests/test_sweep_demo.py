@@ -2,6 +2,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from conftest import make_model
@@ -53,3 +54,15 @@ def test_demo_runs_offline_end_to_end(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "reusing the trained model" in err and "epoch 1/1" not in err
     assert rows2[0]["top1"] == rows[0]["top1"]
+
+
+def test_pareto_png_is_written_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    from tokenslim.sweep import pareto_png
+
+    rows = [{"setting": s, "throughput_ratio": x, "throughput_ratio_low": x - 0.05, "throughput_ratio_high": x + 0.05,
+             "top1": y, "pareto": p} for s, x, y, p in (("none", 1.0, 80.0, True), ("r=4", 1.3, 79.0, True),
+                                                      ("r=2", 1.1, 78.0, False))]
+    path = tmp_path / "p.png"
+    assert pareto_png(rows, str(path), "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -260,9 +260,42 @@ def check_out_dir(out_dir: str) -> None:
         raise ValueError(f"the output folder {out_dir} is not writable")
 
 
+def pareto_png(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> bool:
+    """Top-1 against measured throughput ratio as a PNG (matplotlib, the ``plot`` extra), with the
+    95% interval of each ratio as a horizontal bar and the Pareto front joined. Returns ``False``
+    (writing nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for r in rows:
+        x, y = r["throughput_ratio"], r["top1"]
+        color = "#d62728" if r.get("pareto") else "#1f77b4"
+        ax.errorbar([x], [y], xerr=[[x - r["throughput_ratio_low"]], [r["throughput_ratio_high"] - x]], fmt="o",
+                    color=color, ms=4, capsize=2, lw=1)
+        ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["throughput_ratio"])
+    if len(front) > 1:
+        ax.plot([r["throughput_ratio"] for r in front], [r["top1"] for r in front], color="#d62728", lw=1,
+                label="Pareto front")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_xlabel("throughput ratio vs unpatched (median of interleaved rounds, 95% interval)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def write_outputs(rows: Sequence[Dict[str, Any]], out_dir: str, stem: str, title: str = "") -> Dict[str, str]:
-    """Write ``<stem>.csv``, ``<stem>.jsonl`` (with the Pareto flags), ``<stem>.svg`` and ``<stem>.txt``
-    into ``out_dir``."""
+    """Write ``<stem>.csv``, ``<stem>.jsonl`` (with the Pareto flags), ``<stem>.svg``, ``<stem>.txt`` and,
+    with matplotlib installed, ``<stem>.png`` into ``out_dir``."""
     check_out_dir(out_dir)
     paths = {ext: os.path.join(out_dir, f"{stem}.{ext}") for ext in ("csv", "jsonl", "svg", "txt")}
     write_csv(rows, paths["csv"])
@@ -273,4 +306,7 @@ def write_outputs(rows: Sequence[Dict[str, Any]], out_dir: str, stem: str, title
         f.write(pareto_svg(rows, title))
     with open(paths["txt"], "w") as f:
         f.write(format_sweep(rows) + "\n")
+    png = os.path.join(out_dir, f"{stem}.png")
+    if pareto_png(rows, png, title):
+        paths["png"] = png
     return paths
