@@ -411,6 +411,49 @@ def _checkpoint_identity(model, args) -> dict:
     return {"name": args.model, "kwargs": {"num_classes": model.num_classes}}
 
 
+def add_vis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data", required=True, help="images: folder, .tar(.gz) or label file")
+    p.add_argument("--settings", nargs="+", default=["r=4", "r=8"], help="one column per setting")
+    p.add_argument("--images", type=int, default=4, help="rows: a deterministic random pick of this many images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/vis.png", help="PNG file")
+
+
+def run_vis_cmd(args: argparse.Namespace) -> None:
+    import copy
+
+    import torch
+
+    from .evaluate import open_dataset, resolve_transform, subset
+    from .spec import apply_setting, format_setting
+    from .timm_vit import trace_merges
+    from .vis import merge_picture, patch_tokens, save_grid, token_counts, unnormalize
+
+    _check_output_file(args.out, "--out")
+    model, settings = _load_model_and_settings(args)
+    transform, config = resolve_transform(model)
+    data = subset(open_dataset(args.data, transform), args.images, args.seed)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    raw = unnormalize(x, config["mean"], config["std"])
+    grid, patch = tuple(model.patch_embed.grid_size), tuple(model.patch_embed.patch_size)
+    columns = [[img for img in raw]]
+    titles = ["image"]
+    for setting in settings:
+        patched = apply_setting(copy.deepcopy(model), setting)
+        if not hasattr(patched, "tokenslim"):
+            raise ValueError(f"setting {format_setting(setting)!r} reduces no tokens: nothing to show")
+        trace = trace_merges(patched, x)
+        tokens = patch_tokens(trace.source, model.num_prefix_tokens, grid)
+        columns.append([merge_picture(img, t, patch) for img, t in zip(raw, tokens)])
+        counts = token_counts(tokens)
+        titles.append(f"{format_setting(setting)}\n{min(counts)}-{max(counts)} tokens")
+    save_grid([list(row) for row in zip(*columns)], titles, args.out)
+    print(f"wrote {args.out}: {len(data)} images x {len(titles)} columns")
+
+
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     from .demo import DEFAULT_SETTINGS
 
@@ -433,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(sub.add_parser("eval", help="accuracy and agreement with the unpatched model (torchrun-ready)"))
     add_sweep_args(sub.add_parser("sweep", help="accuracy and measured speed of many settings, with a Pareto plot"))
     add_tune_args(sub.add_parser("tune", help="search the most accurate setting for a measured speed-up"))
+    add_vis_args(sub.add_parser("vis", help="picture the patches each merged token holds (PNG)"))
     add_recover_args(sub.add_parser("recover", help="win back accuracy: short distillation, tuned parameters folded back"))
     add_demo_args(sub.add_parser("demo", help="offline demo: train a small ViT on generated shapes, then sweep"))
     for command in sub.choices.values():
@@ -479,6 +523,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_tune_cmd(args)
     elif args.command == "recover":
         run_recover_cmd(args)
+    elif args.command == "vis":
+        run_vis_cmd(args)
     elif args.command == "demo":
         from .demo import run_demo
 
