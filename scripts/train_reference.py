@@ -14,7 +14,8 @@ Recipe (chosen for a short CPU schedule; every value is a flag):
 
 Interruptions lose at most one epoch: the full training state (weights, optimizer, schedule,
 RNG, history) is written atomically to ``--state`` after every epoch and training resumes from it
-when the same command is run again. At the end the model is saved as a tokenslim checkpoint
+when the same command is run again. Passing a larger ``--epochs`` to a resumed (or finished) run
+stretches the cosine schedule to the new length and trains on; the history records it. At the end the model is saved as a tokenslim checkpoint
 (``--out``, fp16 weights, with its timm name, arguments and data config) and evaluated on the 10k
 test split with the project's evaluator.
 
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
                         num_heads=args.heads, num_classes=len(CLASSES))
     data_config = dict(input_size=(3, 32, 32), mean=MEAN, std=STD, crop_pct=1.0, crop_mode="center",
                        interpolation="bicubic", num_classes=len(CLASSES))
-    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "state", "max_minutes", "threads", "data")}
+    recipe = {k: v for k, v in vars(args).items()
+              if k not in ("out", "state", "max_minutes", "threads", "data", "epochs")}
 
     t0 = time.perf_counter()
     x_train, y_train = load_split(train_path)
@@ -170,14 +172,22 @@ def main(argv=None) -> int:
     start_epoch, history, train_seconds = 0, [], 0.0
     if os.path.isfile(args.state):
         state = torch.load(args.state, map_location="cpu", weights_only=False)
-        if state["recipe"] != recipe:
-            changed = sorted(k for k in recipe if state["recipe"].get(k) != recipe[k])
+        saved = {k: v for k, v in state["recipe"].items() if k != "epochs"}
+        if saved != recipe:
+            changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
             p.error(f"{args.state} was written with other settings ({', '.join(changed)}); run with the same "
                     "flags to resume, or delete the file (or pass another --state) to start over")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
         start_epoch, history, train_seconds = state["epoch"], state["history"], state["train_seconds"]
+        before = state.get("epochs", state["recipe"].get("epochs", args.epochs))
+        if args.epochs < start_epoch:
+            p.error(f"{args.state} has already trained {start_epoch} epochs; pass --epochs >= {start_epoch}")
+        if args.epochs != before:
+            # A longer run continues the same cosine schedule stretched to the new length (the learning
+            # rate rises again from where the new curve is): recorded in the history.
+            history.append({"schedule": f"extended from {before} to {args.epochs} epochs after epoch {start_epoch}"})
         print(f"resuming from {args.state} after epoch {start_epoch}/{args.epochs}", flush=True)
 
     amp = args.precision == "bf16"
@@ -211,7 +221,7 @@ def main(argv=None) -> int:
         history.append({"epoch": epoch + 1, "train_loss": round(loss_sum / seen, 4), "test_top1": round(top1, 2),
                         "seconds": round(seconds, 1)})
         print(json.dumps(history[-1]), flush=True)
-        atomic_save({"recipe": recipe, "model": model.state_dict(), "optimizer": opt.state_dict(),
+        atomic_save({"recipe": recipe, "epochs": args.epochs, "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "generator": g.get_state(), "epoch": epoch + 1, "history": history,
                      "train_seconds": train_seconds}, args.state)
         if args.max_minutes is not None and time.perf_counter() - session_start > 60 * args.max_minutes \
