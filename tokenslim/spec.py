@@ -66,6 +66,8 @@ def parse_setting(text: str) -> Dict[str, Any]:
 
 
 _WORDS = {"true": True, "false": False, "none": None}
+WORD_KEYS = ("method", "criterion")
+"""Keys whose values are names, written as bare words (``method=diffrate``)."""
 
 
 def _parse_value(text: str, key: str, value: str) -> Any:
@@ -76,7 +78,7 @@ def _parse_value(text: str, key: str, value: str) -> Any:
     try:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        if value.replace("_", "").replace("-", "").isalnum() and not value[0].isdigit():
+        if key in WORD_KEYS and value.replace("_", "").replace("-", "").isalnum() and not value[0].isdigit():
             return value
         raise ValueError(
             f"setting {text!r}: cannot read the value of {key}: {value!r}. Write numbers (16, 0.7), lists "
