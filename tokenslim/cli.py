@@ -105,10 +105,14 @@ def run_macs(args: argparse.Namespace) -> None:
 # eval
 # ---------------------------------------------------------------------------------------------
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
     p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
     p.add_argument("--checkpoint", default=None, help="a local checkpoint: tokenslim or timm/PyTorch state dict")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
     p.add_argument("--data", required=True,
                    help="folder of class folders, .tar/.tar.gz of them, or a label file ('file label' / './path, label')")
     p.add_argument("--settings", nargs="*", default=[], help="reduction settings evaluated against the unpatched model")
@@ -276,9 +280,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
-    p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
-    p.add_argument("--checkpoint", default=None, help="a local checkpoint: tokenslim or timm/PyTorch state dict")
+    _add_model_args(p)
     p.add_argument("--data", required=True, help="calibration images (labels optional): folder, .tar(.gz) or label file")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--speedup", type=float, default=None, help="measured throughput ratio to reach (default 1.5)")
@@ -340,9 +342,7 @@ def run_tune_cmd(args: argparse.Namespace):
 
 
 def add_recover_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
-    p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
-    p.add_argument("--checkpoint", default=None, help="the unpatched model: tokenslim checkpoint or state dict")
+    _add_model_args(p)  # the unpatched model, the teacher
     p.add_argument("--settings", required=True, help="the reduction to recover from, e.g. r=8 or mlp_pruned=0.5")
     p.add_argument("--data", required=True, help="training images: folder, .tar(.gz) or label file")
     p.add_argument("--method", default="bias_norm", help="bias, norm, bias_norm or lora (needs tokenslim[peft])")
@@ -412,9 +412,7 @@ def _checkpoint_identity(model, args) -> dict:
 
 
 def add_vis_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="timm model name (optional with a tokenslim checkpoint)")
-    p.add_argument("--pretrained", action="store_true")
-    p.add_argument("--checkpoint", default=None)
+    _add_model_args(p)
     p.add_argument("--data", required=True, help="images: folder, .tar(.gz) or label file")
     p.add_argument("--settings", nargs="+", default=["r=4", "r=8"], help="one column per setting")
     p.add_argument("--images", type=int, default=4, help="rows: a deterministic random pick of this many images")

@@ -31,7 +31,6 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from .ops import (
-    bipartite_soft_matching,
     merge_tokens,
     prune_scores,
     prune_sizes,
@@ -222,11 +221,7 @@ def reducing_block(
         sizes = prune_sizes(sizes, plan)
         source = update_source(source, plan.dest, has_dropped)
         has_dropped = has_dropped or not step.fuse
-    if reduce and method is TOME:
-        plan = bipartite_soft_matching(metric, step.r, step.num_prefix_tokens)
-        x, sizes = merge_tokens(x, sizes, plan.dest, plan.num_out)
-        source = update_source(source, plan.dest, has_dropped)
-    elif reduce:
+    if reduce:
         inputs = StepInputs(x, metric, cls_attn, value_score, step.num_prefix_tokens, step.layer, step.depth,
                             step.option)
         plan = method.plan(inputs, step.r)

@@ -94,6 +94,13 @@ def all_but_one(n: int) -> int:
     return max(n - 1, 0)
 
 
-def prefix_slots(batch: int, p: int, device: torch.device) -> torch.Tensor:
-    """Destination of the prefix tokens: their own slots, first."""
-    return torch.arange(p, device=device).expand(batch, p)
+def dest_from_ranks(rank: torch.Tensor, dest_rank: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """``[B, P + n]`` destination map from one given per rank.
+
+    ``rank[b, j]`` is the non-prefix token at rank ``j`` and ``dest_rank[b, j]`` where it goes; the
+    prefix tokens keep their own slots, first.
+    """
+    batch = rank.shape[0]
+    dest = torch.empty_like(dest_rank).scatter_(1, rank, dest_rank)
+    prefix = torch.arange(num_prefix_tokens, device=rank.device).expand(batch, num_prefix_tokens)
+    return torch.cat([prefix, dest], dim=1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ReductionMethod, StepInputs, StepPlan, all_but_one, prefix_slots
+from .base import ReductionMethod, StepInputs, StepPlan, all_but_one, dest_from_ranks
 
 
 def ranked_merge(scores: torch.Tensor, metric: torch.Tensor, r: int, num_prefix_tokens: int) -> StepPlan:
@@ -46,8 +46,7 @@ def ranked_merge(scores: torch.Tensor, metric: torch.Tensor, r: int, num_prefix_
         m = m.gather(1, rank.unsqueeze(-1).expand(-1, -1, m.shape[-1]))
         sim = m[:, n_keep:] @ m[:, :n_keep].transpose(-1, -2)  # [B, r, n_keep]
         dest_rank[:, n_keep:] = p + sim.argmax(dim=-1)
-    dest = torch.empty_like(dest_rank).scatter_(1, rank, dest_rank)
-    return StepPlan(torch.cat([prefix_slots(batch, p, device), dest], dim=1), p + n_keep)
+    return StepPlan(dest_from_ranks(rank, dest_rank, p), p + n_keep)
 
 
 def plan(inputs: StepInputs, r: int) -> StepPlan:

@@ -7,14 +7,14 @@ the size-weighted mean and gives it the largest norm among the merged tokens:
 """
 from __future__ import annotations
 
-from .base import ReductionMethod
+from .base import ReductionMethod, half
 from .tome import plan
 
 METHOD = ReductionMethod(
     name="mlerp",
     summary="ToFu MLERP: ToMe's matching, merged tokens keep the largest norm of their parts",
     plan=plan,
-    max_r=lambda n: n // 2,
+    max_r=half,
     needs_keys=True,
     norm="max",
 )

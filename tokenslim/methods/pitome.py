@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ReductionMethod, StepInputs, StepPlan, half, prefix_slots
+from .base import ReductionMethod, StepInputs, StepPlan, half, dest_from_ranks
 
 
 def plan(inputs: StepInputs, r: int) -> StepPlan:
@@ -42,8 +42,7 @@ def plan(inputs: StepInputs, r: int) -> StepPlan:
     dest_rank[:, 2 * r:] = protected_slot
     dest_rank[:, 1 : 2 * r : 2] = b_slot
     dest_rank[:, : 2 * r : 2] = b_slot[partner]
-    dest = torch.empty_like(dest_rank).scatter_(1, rank, dest_rank)
-    return StepPlan(torch.cat([prefix_slots(batch, p, device), dest], dim=1), p + n - r)
+    return StepPlan(dest_from_ranks(rank, dest_rank, p), p + n - r)
 
 
 METHOD = ReductionMethod(

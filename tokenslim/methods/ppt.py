@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.matching import bipartite_soft_matching
-from .base import ReductionMethod, StepInputs, StepPlan, half, prefix_slots
+from .base import ReductionMethod, StepInputs, StepPlan, half, dest_from_ranks
 
 
 def prune_lowest(scores: torch.Tensor, r: int, num_prefix_tokens: int) -> torch.Tensor:
@@ -27,8 +27,7 @@ def prune_lowest(scores: torch.Tensor, r: int, num_prefix_tokens: int) -> torch.
     rank = torch.sort(scores[:, p:].float(), dim=-1, descending=True, stable=True).indices
     dest_rank = torch.full((batch, n), -1, dtype=torch.long, device=device)
     dest_rank[:, : n - r] = p + torch.arange(n - r, device=device)
-    dest = torch.empty_like(dest_rank).scatter_(1, rank, dest_rank)
-    return torch.cat([prefix_slots(batch, p, device), dest], dim=1)
+    return dest_from_ranks(rank, dest_rank, p)
 
 
 def pools(scores: torch.Tensor, num_prefix_tokens: int, threshold: float) -> torch.Tensor:
