@@ -405,6 +405,11 @@ class ReductionSettings:
             return self._prop_attn
         return any(self._r_schedule)
 
+    @property
+    def reduces(self) -> bool:
+        """Whether the settings remove any token (merging in some block, or pruning)."""
+        return any(self._r_schedule) or any(rate < 1.0 for rate in self.keep_rates)
+
     def __setattr__(self, name: str, value) -> None:
         # Every setting change invalidates the plans computed for the old settings.
         if not name.startswith("_") and "_plans" in self.__dict__:

@@ -19,10 +19,9 @@ Design:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers.attention import Attention
 from timm.models._features import feature_take_indices
@@ -30,19 +29,9 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .ops import (
-    merge_tokens,
-    prune_scores,
-    prune_sizes,
-    prune_tokens,
-    select_tokens,
-    size_log_bias,
-    unmerge,
-    update_source,
-)
-from .methods import StepInputs
-from .methods.base import ReductionMethod
-from .methods.tome import METHOD as TOME
+from .ops import unmerge
+from .ops.attention import AttentionResult, reducing_attention
+from .reduction import BlockStep, block_steps, reduce_step, step_log_size
 from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
 
 TIMM_MIN = (1, 0, 28)
@@ -87,23 +76,6 @@ SUPPORTED_ATTENTION = (Attention,)
 # Attention and block with reduction
 # --------------------------------------------------------------------------------------------
 
-def _head_mean(t: torch.Tensor, head_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mean over the head dimension (1) of ``t``, over the kept heads only when heads are masked."""
-    if head_mask is None:
-        return t.mean(dim=1)
-    w = head_mask.to(t.dtype).view(1, -1, *([1] * (t.dim() - 2)))
-    return (t * w).sum(dim=1) / head_mask.sum().to(t.dtype)
-
-
-class AttentionOutput(NamedTuple):
-    """Output of :func:`attention_forward`: the attention output and what reduction needs from it."""
-
-    out: torch.Tensor
-    metric: Optional[torch.Tensor]
-    cls_attn: Optional[torch.Tensor]
-    value_score: Optional[torch.Tensor] = None
-
-
 def attention_forward(
     attn: Attention,
     x: torch.Tensor,
@@ -111,76 +83,38 @@ def attention_forward(
     return_metric: bool = False,
     return_cls_attn: bool = False,
     return_value_score: bool = False,
-) -> AttentionOutput:
+) -> AttentionResult:
     """timm ``Attention.forward`` with an additive per-key bias, plus what token reduction needs.
 
     Args:
         attn: a timm :class:`~timm.layers.attention.Attention`.
         x: ``[B, N, C]`` normalised tokens.
         log_size: ``[B, 1, 1, N]`` float32 proportional-attention bias, or ``None``.
-        return_metric: also return the keys averaged over heads (``[B, N, head_dim]``, ToMe's metric).
-        return_cls_attn: also return the class token's attention row averaged over heads
-            (``[B, N]``, EViT's importance). Only that row is computed (``q_cls`` against all keys,
-            same scale and bias), so the full map is never built and SDPA stays fused.
-        return_value_score: also return ``[B, N]`` sum over heads of the class attention times the
-            norm of each head's value (PPT's importance), from the same single row.
+        return_metric / return_cls_attn / return_value_score: see
+            :func:`tokenslim.ops.attention.reducing_attention`.
 
-    The bias goes to ``F.scaled_dot_product_attention`` as a float mask in the query dtype, so the
-    fused kernel (memory-efficient / math) is kept; the manual path (``fused_attn=False``) adds it
-    to the scaled logits before the softmax, as timm adds its masks.
+    Returns:
+        An :class:`~tokenslim.ops.attention.AttentionResult` whose ``out`` is the projected
+        ``[B, N, C]`` output. The fused path calls SDPA exactly as timm does (default scale); the
+        manual path (``fused_attn=False``) uses the module's stored scale, as timm does.
     """
     batch, n, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    # Heads masked by channel pruning take no part in the metric or the score, as if removed.
-    head_mask = getattr(attn, HEAD_MASK_BUFFER, None)
-    metric = _head_mean(k, head_mask) if return_metric else None
-    bias = None if log_size is None else log_size.to(q.dtype)
-    cls_attn = value_score = None
-    if return_cls_attn or return_value_score:
-        # SDPA scales by 1/sqrt(head_dim); the manual path by the stored scale. Match each.
-        scale = q.shape[-1] ** -0.5 if attn.fused_attn else attn.scale
-        row = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)
-        if log_size is not None:
-            row = row + log_size
-        row = row.softmax(dim=-1)[:, :, 0]  # [B, H, N]
-        if return_cls_attn:
-            cls_attn = _head_mean(row, head_mask)
-        if return_value_score:
-            weighted = row * v.float().norm(dim=-1)
-            if head_mask is not None:
-                weighted = weighted * head_mask.to(weighted.dtype).view(1, -1, 1)
-            value_score = weighted.sum(dim=1)
-    if attn.fused_attn:
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
-    else:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        y = attn.attn_drop(logits.softmax(dim=-1)) @ v
-    y = attn.norm(y.transpose(1, 2).reshape(batch, n, attn.attn_dim))
+    res = reducing_attention(
+        q, k, v, log_size,
+        scale=None if attn.fused_attn else attn.scale,
+        fused=attn.fused_attn,
+        dropout_p=attn.attn_drop.p if attn.training else 0.0,
+        head_mask=getattr(attn, HEAD_MASK_BUFFER, None),
+        return_metric=return_metric, return_cls_attn=return_cls_attn, return_value_score=return_value_score,
+    )
+    y = attn.norm(res.out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
     if gate is not None:
         y = y * gate
-    return AttentionOutput(attn.proj_drop(attn.proj(y)), metric, cls_attn, value_score)
-
-
-class BlockStep(NamedTuple):
-    """What one block does to the tokens (from the token plan; static for a setting)."""
-
-    r: int
-    keep: Optional[int]
-    fuse: bool
-    prop_attn: bool
-    num_prefix_tokens: int
-    has_dropped: bool  # earlier pruning dropped tokens without fusion (source map holds -1)
-    method: ReductionMethod = TOME
-    option: Optional[float] = None
-    layer: int = 0
-    depth: int = 1
+    return res._replace(out=attn.proj_drop(attn.proj(y)))
 
 
 def reducing_block(
@@ -193,40 +127,20 @@ def reducing_block(
     """One timm ``Block`` with token reduction: attention, prune, merge, MLP.
 
     Reduction sits after the attention residual and before the MLP, as in ToMe and EViT; pruning
-    comes before merging when a block does both. ``ls1``/``ls2``, ``drop_path1``/``drop_path2`` and
-    every attention sub-module are applied as timm applies them.
+    comes before merging when a block does both (:func:`tokenslim.reduction.reduce_step`).
+    ``ls1``/``ls2``, ``drop_path1``/``drop_path2`` and every attention sub-module are applied as
+    timm applies them.
 
     Returns:
         ``(tokens, sizes, source)`` after the block.
     """
-    log_size = size_log_bias(sizes) if step.prop_attn and sizes is not None else None
-    method, reduce = step.method, step.r > 0
     attn = attention_forward(
-        block.attn, block.norm1(x), log_size,
-        return_metric=reduce and method.needs_keys,
-        return_cls_attn=step.keep is not None or (reduce and method.needs_cls_attn),
-        return_value_score=reduce and method.needs_value_score,
+        block.attn, block.norm1(x), step_log_size(step, sizes),
+        return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
+        return_value_score=step.wants_value_score,
     )
     x = x + block.drop_path1(block.ls1(attn.out))
-    metric, cls_attn, value_score, has_dropped = attn.metric, attn.cls_attn, attn.value_score, step.has_dropped
-    if step.keep is not None:
-        plan = select_tokens(attn.cls_attn, step.keep, step.num_prefix_tokens, step.fuse)
-        x = prune_tokens(x, plan, attn.cls_attn)
-        if metric is not None:
-            metric = prune_tokens(metric, plan, attn.cls_attn)
-        if reduce and method.needs_cls_attn:
-            cls_attn = prune_scores(cls_attn, plan)
-        if value_score is not None:
-            value_score = prune_scores(value_score, plan)
-        sizes = prune_sizes(sizes, plan)
-        source = update_source(source, plan.dest, has_dropped)
-        has_dropped = has_dropped or not step.fuse
-    if reduce:
-        inputs = StepInputs(x, metric, cls_attn, value_score, step.num_prefix_tokens, step.layer, step.depth,
-                            step.option)
-        plan = method.plan(inputs, step.r)
-        x, sizes = merge_tokens(x, sizes, plan.dest, plan.num_out, has_dropped=method.may_drop, norm=method.norm)
-        source = update_source(source, plan.dest, has_dropped)
+    x, sizes, source = reduce_step(x, attn, sizes, source, step)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, sizes, source
 
@@ -278,22 +192,17 @@ class _TokenSlimMixin:
                 "attn_mask / is_causal cannot be combined with token reduction: reduced tokens no "
                 "longer line up with the mask. Set r=0 and keep_rate=None to use masks."
             )
-        settings = self.tokenslim
-        prop_attn = settings.uses_prop_attn
-        method, option, depth = settings.method_spec, settings.option, len(self.blocks)
-        prefix = self.num_prefix_tokens
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         sizes: Optional[torch.Tensor] = None
         source: Optional[torch.Tensor] = None
         has_dropped = False
         taken: List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]] = []
-        for i, block in enumerate(self.blocks):
+        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens)
+        for i, (block, step) in enumerate(zip(self.blocks, steps)):
             if last_index is not None and i > last_index:
                 break
-            step = BlockStep(plan.merged[i], plan.kept[i], plan.fused[i], prop_attn, prefix, has_dropped,
-                             method, option, i, depth)
             has_dropped = plan.dropped[i]
-            if source is None and step.r == 0 and step.keep is None:
+            if source is None and not step.reduces:
                 # Nothing reduced yet: timm's own block, so no reduction is the unpatched computation.
                 if checkpointing:
                     x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)

@@ -1,0 +1,413 @@
+"""The Hugging Face ``transformers`` adapter: token reduction in ViT, DeiT, DINOv2 and CLIP vision models.
+
+The same ops, methods and settings as the timm adapter (:mod:`tokenslim.timm_vit`); only the wiring
+to ``transformers`` modules lives here.
+
+Design:
+
+* The *base* model (``ViTModel``, ``DeiTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``,
+  ``CLIPVisionModel``) gets a subclass whose ``forward`` runs the layers with reduction; every
+  wrapper around it (``ViTForImageClassification``, ``DeiTForImageClassificationWithTeacher``,
+  ``Dinov2ForImageClassification``, ``CLIPModel``, ...) is left alone. No layer is rebuilt and no
+  weight is touched, so ``state_dict`` keys and ``from_pretrained`` checkpoints are unchanged.
+* ``last_hidden_state`` keeps the unpatched shape: every merged token is repeated at each patch
+  position it holds. The heads (class token, distillation token, DINOv2's class + mean-patch
+  classifier, CLIP's pooled class token) are therefore exact without modification; a mean over
+  the patch positions is the size-weighted mean of the merged tokens.
+* Until the first reduction a layer runs as the library's own module (so ``r=0`` is the
+  unpatched computation); reducing layers compute attention with
+  ``F.scaled_dot_product_attention`` whatever ``config._attn_implementation`` says, because the
+  eager path has no place for the ``log(size)`` bias of proportional attention.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .ops import unmerge
+from .ops.attention import AttentionResult, reducing_attention
+from .reduction import BlockStep, block_steps, reduce_step, step_log_size
+from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec
+
+TRANSFORMERS_MIN = (5, 24, 0)
+TRANSFORMERS_MAX = (5, 24, 999)
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def check_transformers_version(version: Optional[str] = None) -> None:
+    """Raise a clear error unless the installed ``transformers`` is a release tokenslim is tested with."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    vt = _version_tuple(version)[:3]
+    if not TRANSFORMERS_MIN <= vt <= TRANSFORMERS_MAX:
+        raise RuntimeError(
+            f"tokenslim reads the layer internals of transformers and is tested with transformers 5.24.x; "
+            f"transformers {version} is installed. Install a tested release: pip install 'transformers>=5.24,<5.25' "
+            "(or the extra: pip install 'tokenslim[transformers]')"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# One layer with reduction, per family
+# --------------------------------------------------------------------------------------------
+
+def hf_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Tensor], step: BlockStep) -> AttentionResult:
+    """A transformers self-attention (separate ``q_proj``/``k_proj``/``v_proj``) with the size bias.
+
+    Works for ``ViTAttention``/``DeiTAttention``/``Dinov2Attention`` (``o_proj``, ``scaling``) and
+    ``CLIPAttention`` (``out_proj``, ``scale``). The projections are called as modules, so LoRA or
+    other wrappers on them take effect. ``out`` is the projected ``[B, N, C]`` output.
+    """
+    batch, n, _ = x.shape
+    head_dim = attn.head_dim
+    shape = (batch, n, -1, head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    scale = attn.scaling if hasattr(attn, "scaling") else attn.scale
+    dropout = attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout
+    res = reducing_attention(
+        q, k, v, log_size, scale=scale, fused=True, dropout_p=dropout if attn.training else 0.0,
+        return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
+        return_value_score=step.wants_value_score,
+    )
+    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    return res._replace(out=out_proj(res.out.transpose(1, 2).reshape(batch, n, -1)))
+
+
+def _vit_layer(layer: nn.Module, x, sizes, source, step):
+    """``ViTLayer``/``DeiTLayer``: pre-norm attention, reduction, pre-norm MLP (hidden dropout on both)."""
+    attn = hf_attention(layer.attention, layer.layernorm_before(x), step_log_size(step, sizes), step)
+    x = x + layer.dropout(attn.out)
+    x, sizes, source = reduce_step(x, attn, sizes, source, step)
+    x = x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
+    return x, sizes, source
+
+
+def _dinov2_layer(layer: nn.Module, x, sizes, source, step):
+    """``Dinov2Layer`` (and with registers): LayerScale and drop path on both branches."""
+    attn = hf_attention(layer.attention, layer.norm1(x), step_log_size(step, sizes), step)
+    x = x + layer.drop_path(layer.layer_scale1(attn.out))
+    x, sizes, source = reduce_step(x, attn, sizes, source, step)
+    x = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
+    return x, sizes, source
+
+
+def _clip_layer(layer: nn.Module, x, sizes, source, step):
+    """``CLIPEncoderLayer``."""
+    attn = hf_attention(layer.self_attn, layer.layer_norm1(x), step_log_size(step, sizes), step)
+    x = x + attn.out
+    x, sizes, source = reduce_step(x, attn, sizes, source, step)
+    x = x + layer.mlp(layer.layer_norm2(x))
+    return x, sizes, source
+
+
+# --------------------------------------------------------------------------------------------
+# The reduction loop shared by every family
+# --------------------------------------------------------------------------------------------
+
+def run_layers(
+    layers: Sequence[nn.Module],
+    reducing_layer: Callable,
+    x: torch.Tensor,
+    settings: ReductionSettings,
+    num_prefix_tokens: int,
+    collect: bool,
+    gradient_checkpointing: bool = False,
+) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], List[torch.Tensor]]:
+    """Run ``layers`` with reduction.
+
+    Returns:
+        The reduced tokens after the last layer, the function that expands them to the unpatched
+        shape (merged tokens repeated over the patches they hold, zeros where pruning dropped a
+        token; apply per-token norms before it, as timm does) and, when ``collect``, every layer's
+        output already expanded (for ``output_hidden_states``).
+    """
+    plan = settings.plan(x.shape[1], num_prefix_tokens)
+    sizes: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+    has_dropped = False
+    hidden: List[torch.Tensor] = []
+    checkpointing = gradient_checkpointing and torch.is_grad_enabled()
+    for i, (layer, step) in enumerate(zip(layers, block_steps(settings, plan, num_prefix_tokens))):
+        has_dropped = plan.dropped[i]
+        if source is None and not step.reduces:
+            x = layer(x, None)
+        elif checkpointing:
+            x, sizes, source = torch.utils.checkpoint.checkpoint(
+                reducing_layer, layer, x, sizes, source, step, use_reentrant=False
+            )
+        else:
+            x, sizes, source = reducing_layer(layer, x, sizes, source, step)
+        if collect:
+            hidden.append(x if source is None else unmerge(x, source, has_dropped))
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        return t if source is None else unmerge(t, source, has_dropped)
+
+    return x, expand, hidden
+
+
+def _flag(kwargs: Dict[str, Any], config: Any, name: str) -> bool:
+    value = kwargs.pop(name, None)
+    if value is None:
+        value = getattr(config, name, False)
+    return bool(value)
+
+
+def _check_call(model: nn.Module, kwargs: Dict[str, Any], attention_mask: Optional[torch.Tensor]) -> Tuple[bool, bool]:
+    """Read the output flags; refuse what token reduction cannot give. Returns (hidden, return_dict)."""
+    hidden = _flag(kwargs, model.config, "output_hidden_states")
+    attentions = _flag(kwargs, model.config, "output_attentions")
+    return_dict = kwargs.pop("return_dict", None)
+    return_dict = getattr(model.config, "return_dict", True) if return_dict is None else return_dict
+    reduces = model.tokenslim.reduces
+    if attentions and reduces:
+        raise ValueError(
+            "output_attentions=True cannot be combined with token reduction: attention maps shrink from "
+            "layer to layer and are computed fused. Set r=0 and keep_rate=None (or tokenslim.unpatch(model)) "
+            "to read attention maps."
+        )
+    if attention_mask is not None and reduces:
+        raise ValueError("attention_mask cannot be combined with token reduction: reduced tokens no longer line "
+                         "up with the mask. Set r=0 and keep_rate=None to use masks.")
+    if attentions:
+        raise ValueError("output_attentions=True is not supported on a patched model; call tokenslim.unpatch(model) "
+                         "first (attention maps come from the unpatched forward)")
+    return hidden, bool(return_dict)
+
+
+def _finish(output, return_dict: bool):
+    return output if return_dict else output.to_tuple()
+
+
+# --------------------------------------------------------------------------------------------
+# Patched base models
+# --------------------------------------------------------------------------------------------
+
+class _TokenSlimHF:
+    """Shared pieces of the patched base models."""
+
+    tokenslim: ReductionSettings
+    _tokenslim_layer: Callable
+
+    @property
+    def tokenslim_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1
+
+    def _tokenslim_run(self, x: torch.Tensor, hidden: bool):
+        layers = self.tokenslim_layers
+        return run_layers(layers, type(self)._tokenslim_layer, x, self.tokenslim, self.num_prefix_tokens, hidden,
+                          getattr(layers[0], "gradient_checkpointing", False))
+
+
+def _vit_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
+                 attention_mask=None, **kwargs):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    hidden, return_dict = _check_call(self, kwargs, attention_mask)
+    expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+    if pixel_values.dtype != expected_dtype:
+        pixel_values = pixel_values.to(expected_dtype)
+    x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos,
+                        interpolate_pos_encoding=interpolate_pos_encoding)
+    x_final, expand, states = self._tokenslim_run(x, hidden)
+    sequence_output = expand(self.layernorm(x_final))
+    pooled = self.pooler(sequence_output) if self.pooler is not None else None
+    out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled,
+                                     hidden_states=tuple([x] + states) if hidden else None)
+    return _finish(out, return_dict)
+
+
+def _dinov2_forward(self, pixel_values=None, bool_masked_pos=None, attention_mask=None, **kwargs):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    hidden, return_dict = _check_call(self, kwargs, attention_mask)
+    x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+    x_final, expand, states = self._tokenslim_run(x, hidden)
+    sequence_output = expand(self.layernorm(x_final))
+    out = BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0, :],
+                                     hidden_states=tuple([x] + states) if hidden else None)
+    return _finish(out, return_dict)
+
+
+def _clip_forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwargs):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    hidden, return_dict = _check_call(self, kwargs, kwargs.pop("attention_mask", None))
+    x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding))
+    x_final, expand, states = self._tokenslim_run(x, hidden)
+    last = expand(x_final)
+    out = BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=self.post_layernorm(last[:, 0, :]),
+                                     hidden_states=tuple([x] + states) if hidden else None)
+    return _finish(out, return_dict)
+
+
+def _family_table() -> Dict[type, Dict[str, Any]]:
+    """The supported base classes of the installed transformers and how each is wired."""
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
+    from transformers.models.deit.modeling_deit import DeiTLayer, DeiTModel
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
+    from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+        Dinov2WithRegistersLayer,
+        Dinov2WithRegistersModel,
+    )
+    from transformers.models.vit.modeling_vit import ViTLayer, ViTModel
+
+    return {
+        ViTModel: dict(layer=ViTLayer, reducing=_vit_layer, forward=_vit_forward, layers=lambda m: m.layers,
+                       prefix=lambda m: 1, pools_patches=False),
+        DeiTModel: dict(layer=DeiTLayer, reducing=_vit_layer, forward=_vit_forward, layers=lambda m: m.layers,
+                        prefix=lambda m: 2, pools_patches=False),
+        Dinov2Model: dict(layer=Dinov2Layer, reducing=_dinov2_layer, forward=_dinov2_forward,
+                          layers=lambda m: m.encoder.layer, prefix=lambda m: 1, pools_patches=True),
+        Dinov2WithRegistersModel: dict(layer=Dinov2WithRegistersLayer, reducing=_dinov2_layer,
+                                       forward=_dinov2_forward, layers=lambda m: m.encoder.layer,
+                                       prefix=lambda m: 1 + m.config.num_register_tokens, pools_patches=True),
+        CLIPVisionModel: dict(layer=CLIPEncoderLayer, reducing=_clip_layer, forward=_clip_forward,
+                              layers=lambda m: m.encoder.layers, prefix=lambda m: 1, pools_patches=False),
+    }
+
+
+_PATCHED: Dict[type, type] = {}
+
+
+def _patched_class(base_cls: type, family: Dict[str, Any]) -> type:
+    """One patched subclass per supported base class, made once (so ``type(model)`` is stable)."""
+    if base_cls not in _PATCHED:
+        layers, prefix = family["layers"], family["prefix"]
+        attrs = {
+            "forward": family["forward"],
+            "_tokenslim_layer": staticmethod(family["reducing"]),
+            "tokenslim_layers": property(lambda self: layers(self)),
+            "num_prefix_tokens": property(lambda self: prefix(self)),
+            "__doc__": f"A {base_cls.__name__} patched by tokenslim (see tokenslim.patch).",
+            "__module__": __name__,
+        }
+        _PATCHED[base_cls] = type(f"TokenSlim{base_cls.__name__}", (_TokenSlimHF, base_cls), attrs)
+    return _PATCHED[base_cls]
+
+
+def _original_class(cls: type) -> Optional[type]:
+    for base, patched in _PATCHED.items():
+        if cls is patched:
+            return base
+    return None
+
+
+def find_base_models(model: nn.Module) -> List[nn.Module]:
+    """The supported transformers base vision models inside ``model`` (the model itself included)."""
+    table = _family_table()
+    found = []
+    for module in model.modules():
+        cls = _original_class(type(module)) or type(module)
+        if cls in table:
+            found.append(module)
+    return found
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` comes from the ``transformers`` package."""
+    return type(model).__module__.startswith("transformers.") or (
+        _original_class(type(model)) is not None
+    )
+
+
+def patch(
+    model: nn.Module,
+    r: RSpec = 0,
+    keep_rate: Optional[Union[float, Sequence[float]]] = None,
+    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
+    fuse_pruned: bool = False,
+    prop_attn: Optional[bool] = None,
+    method: str = "tome",
+    threshold: Optional[float] = None,
+    margin: Optional[float] = None,
+) -> nn.Module:
+    """Patch a ``transformers`` vision model in place (see :func:`tokenslim.patch` for the settings).
+
+    Accepts ``ViTModel``/``ViTForImageClassification``, ``DeiTModel``/``DeiTForImageClassification``
+    (``WithTeacher``: the distillation token is a protected prefix token), ``Dinov2Model``/
+    ``Dinov2ForImageClassification``, ``Dinov2WithRegistersModel`` (registers protected) and
+    ``CLIPVisionModel``/``CLIPVisionModelWithProjection``/``CLIPModel`` (its vision tower).
+
+    Raises:
+        TypeError: no supported vision model inside ``model``, or layers of another type.
+        ValueError: bad settings; pruning without fusion where the head averages patch tokens.
+        RuntimeError: an untested transformers release.
+    """
+    check_transformers_version()
+    bases = find_base_models(model)
+    if not bases:
+        raise TypeError(
+            f"tokenslim cannot patch {type(model).__module__}.{type(model).__qualname__}: it holds none of the "
+            "supported transformers vision models (ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel, "
+            "CLIPVisionModel; their ...ForImageClassification / WithProjection / CLIPModel wrappers)"
+        )
+    if len(bases) > 1:
+        raise TypeError(f"{type(model).__name__} holds {len(bases)} vision models; patch each one separately")
+    base = bases[0]
+    table = _family_table()
+    base_cls = _original_class(type(base)) or type(base)
+    family = table[base_cls]
+    layers = family["layers"](base)
+    for i, layer in enumerate(layers):
+        if type(layer) is not family["layer"]:
+            raise TypeError(f"tokenslim cannot patch layer {i} of type {type(layer).__qualname__}: "
+                            f"{base_cls.__name__} is supported with {family['layer'].__name__} layers only")
+    settings = ReductionSettings(
+        len(layers), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
+        prop_attn=prop_attn, has_class_token=True, method=method, threshold=threshold, margin=margin,
+    )
+    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned and _pools_patches(model, family):
+        raise ValueError(
+            f"pruning without fusion drops tokens, but {type(model).__name__} averages patch tokens in its head; "
+            "set fuse_pruned=True"
+        )
+    base.__class__ = _patched_class(base_cls, family)
+    base.tokenslim = settings
+    if model is not base:
+        model.tokenslim = settings
+    return model
+
+
+def _pools_patches(model: nn.Module, family: Dict[str, Any]) -> bool:
+    # Dinov2ForImageClassification concatenates the class token and the mean patch token.
+    return family["pools_patches"] and hasattr(model, "classifier")
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` (a no-op on an unpatched model)."""
+    for module in model.modules():
+        original = _original_class(type(module))
+        if original is not None:
+            module.__class__ = original
+            if "tokenslim" in module.__dict__:
+                del module.tokenslim
+    if "tokenslim" in model.__dict__:
+        del model.tokenslim
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether a transformers model holds a patched vision model."""
+    return any(_original_class(type(m)) is not None for m in model.modules())

@@ -1,0 +1,221 @@
+"""The ``open_clip`` adapter: token reduction in open_clip's ``VisionTransformer`` towers.
+
+open_clip's own towers (``ResidualAttentionBlock`` with ``nn.MultiheadAttention``) get reduction
+without rebuilding or re-initialising any layer: the class of the tower's ``transformer`` is
+swapped for a subclass whose ``forward`` runs the blocks with the shared ops, and the tower's own
+pooling, ``ln_post`` and projection run unchanged on the expanded tokens (merged tokens repeated
+over the patches they hold: ``'tok'`` pooling reads the class token, ``'avg'`` pooling is the
+size-weighted mean, attentional pooling over repeated keys is proportional attention).
+
+Models whose vision tower is a timm trunk (``TimmModel``, e.g. ``ViT-B-16-SigLIP``) are timm ViTs
+underneath and are patched through :mod:`tokenslim.timm_vit`.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import unmerge
+from .ops.attention import AttentionResult, reducing_attention
+from .reduction import BlockStep, block_steps, reduce_step, step_log_size
+from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec
+
+OPEN_CLIP_MIN = (3, 0, 0)
+OPEN_CLIP_MAX = (3, 3, 999)
+
+
+def check_open_clip_version(version: Optional[str] = None) -> None:
+    """Raise a clear error unless the installed ``open_clip`` is a release tokenslim is tested with."""
+    if version is None:
+        import open_clip
+
+        version = open_clip.__version__
+    from .hf_vit import _version_tuple
+
+    if not OPEN_CLIP_MIN <= _version_tuple(version)[:3] <= OPEN_CLIP_MAX:
+        raise RuntimeError(
+            f"tokenslim reads open_clip's ResidualAttentionBlock internals and is tested with open_clip_torch "
+            f"3.x up to 3.3; {version} is installed. Install a tested release: pip install 'open_clip_torch>=3,<3.4' "
+            "(or the extra: pip install 'tokenslim[open_clip]')"
+        )
+
+
+def mha_attention(attn: nn.MultiheadAttention, x: torch.Tensor, log_size: Optional[torch.Tensor],
+                  step: BlockStep) -> AttentionResult:
+    """``nn.MultiheadAttention`` self-attention (batch first, packed in-projection) with the size bias.
+
+    The packed ``in_proj_weight`` is a parameter, not a module, so it is applied as
+    ``nn.MultiheadAttention`` applies it; ``out_proj`` is called as a module.
+    """
+    batch, n, c = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(batch, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    res = reducing_attention(
+        q, k, v, log_size, fused=True, dropout_p=attn.dropout if attn.training else 0.0,
+        return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
+        return_value_score=step.wants_value_score,
+    )
+    return res._replace(out=attn.out_proj(res.out.transpose(1, 2).reshape(batch, n, c)))
+
+
+def reducing_block(block: nn.Module, x, sizes, source, step):
+    """One open_clip ``ResidualAttentionBlock`` with token reduction (after the attention residual)."""
+    attn = mha_attention(block.attn, block.ln_1(x), step_log_size(step, sizes), step)
+    x = x + block.ls_1(attn.out)
+    x, sizes, source = reduce_step(x, attn, sizes, source, step)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, sizes, source
+
+
+class TokenSlimTransformer(nn.Module):
+    """Mixin for a patched open_clip ``Transformer`` (vision tower only); see :func:`patch`."""
+
+    tokenslim: ReductionSettings
+
+    def _tokenslim_run(self, x: torch.Tensor, take: Sequence[int] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        plan = self.tokenslim.plan(x.shape[1], 1)
+        sizes = source = None
+        has_dropped = False
+        taken: List[torch.Tensor] = []
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        for i, (block, step) in enumerate(zip(self.resblocks, block_steps(self.tokenslim, plan, 1))):
+            has_dropped = plan.dropped[i]
+            if source is None and not step.reduces:
+                x = block(x)
+            elif checkpointing:
+                x, sizes, source = torch.utils.checkpoint.checkpoint(
+                    reducing_block, block, x, sizes, source, step, use_reentrant=False)
+            else:
+                x, sizes, source = reducing_block(block, x, sizes, source, step)
+            if i in take:
+                taken.append(x if source is None else unmerge(x, source, has_dropped))
+        # open_clip applies ln_post after the transformer, per token (or only to the pooled token):
+        # the expanded sequence gives the same pooled features either way.
+        return (x if source is None else unmerge(x, source, has_dropped)), taken
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attn_mask is not None and self.tokenslim.reduces:
+            raise ValueError("attn_mask cannot be combined with token reduction; set r=0 and keep_rate=None")
+        return self._tokenslim_run(x)[0]
+
+    def forward_intermediates(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                              indices: Optional[Union[int, List[int]]] = None, stop_early: bool = False):
+        """open_clip's ``Transformer.forward_intermediates``; each intermediate is expanded to full length."""
+        from timm.models._features import feature_take_indices
+
+        take_indices, _ = feature_take_indices(len(self.resblocks), indices)
+        return self._tokenslim_run(x, take_indices)
+
+
+_PATCHED = {}
+
+
+def _vision_tower(model: nn.Module):
+    """``(tower, kind)``: kind is ``'open_clip'`` for a VisionTransformer, ``'timm'`` for a timm trunk."""
+    from open_clip.transformer import VisionTransformer
+
+    candidates = [model, getattr(model, "visual", None)]
+    for c in candidates:
+        if isinstance(c, VisionTransformer):
+            return c, "open_clip"
+    for c in candidates:
+        trunk = getattr(c, "trunk", None)
+        if trunk is not None:
+            return trunk, "timm"
+    return None, None
+
+
+def patch(
+    model: nn.Module,
+    r: RSpec = 0,
+    keep_rate: Optional[Union[float, Sequence[float]]] = None,
+    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
+    fuse_pruned: bool = False,
+    prop_attn: Optional[bool] = None,
+    method: str = "tome",
+    threshold: Optional[float] = None,
+    margin: Optional[float] = None,
+) -> nn.Module:
+    """Patch an open_clip model (``CLIP``, ``CustomTextCLIP``, ...) or its ``visual`` tower in place.
+
+    Only the image tower is reduced; the text tower is untouched. Settings as in
+    :func:`tokenslim.patch`; they are readable and writable as ``model.tokenslim``.
+
+    Raises:
+        TypeError: no vision tower, or blocks other than ``ResidualAttentionBlock`` (open_clip's
+            ``CustomResidualAttentionBlock`` for qk-norm / scaled-cosine models is refused).
+        ValueError: bad settings; pruning without fusion on a tower that averages patch tokens.
+    """
+    settings_kwargs = dict(r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
+                           prop_attn=prop_attn, method=method, threshold=threshold, margin=margin)
+    check_open_clip_version()
+    tower, kind = _vision_tower(model)
+    if tower is None:
+        raise TypeError(f"tokenslim cannot patch {type(model).__qualname__}: no open_clip VisionTransformer or timm "
+                        "trunk found as the model or its .visual")
+    if kind == "timm":
+        from . import timm_vit
+
+        timm_vit.patch(tower, **settings_kwargs)
+        if model is not tower:
+            model.tokenslim = tower.tokenslim
+        return model
+    from open_clip.transformer import ResidualAttentionBlock, Transformer
+
+    transformer = tower.transformer
+    if type(transformer) not in (Transformer, _PATCHED.get(Transformer)):
+        raise TypeError(f"tokenslim supports open_clip's Transformer, not {type(transformer).__qualname__}")
+    if not transformer.batch_first:
+        raise TypeError("tokenslim supports batch-first open_clip towers only (open_clip 3.x builds them so)")
+    for i, block in enumerate(transformer.resblocks):
+        if type(block) is not ResidualAttentionBlock or not block.attn.batch_first:
+            raise TypeError(f"tokenslim cannot patch block {i} of type {type(block).__qualname__}: only open_clip's "
+                            "ResidualAttentionBlock (nn.MultiheadAttention) is supported")
+    settings = ReductionSettings(len(transformer.resblocks), has_class_token=True, **settings_kwargs)
+    pools_patches = tower.attn_pool is not None or tower.pool_type != "tok"
+    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned and pools_patches:
+        raise ValueError(f"pruning without fusion drops tokens, but this tower pools patch tokens "
+                         f"(pool_type={tower.pool_type!r}); set fuse_pruned=True")
+    if Transformer not in _PATCHED:
+        _PATCHED[Transformer] = type("TokenSlimOpenCLIPTransformer", (TokenSlimTransformer, Transformer),
+                                     {"__module__": __name__})
+    transformer.__class__ = _PATCHED[Transformer]
+    transformer.tokenslim = settings
+    model.tokenslim = settings
+    if tower is not model:
+        tower.tokenslim = settings
+    return model
+
+
+def _patched_modules(model: nn.Module):
+    return [m for m in model.modules() if type(m) in _PATCHED.values()]
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` (a no-op on an unpatched model)."""
+    tower, kind = _vision_tower(model)
+    if kind == "timm":
+        from . import timm_vit
+
+        timm_vit.unpatch(tower)
+    originals = {v: k for k, v in _PATCHED.items()}
+    for module in _patched_modules(model):
+        module.__class__ = originals[type(module)]
+    for module in model.modules():
+        if "tokenslim" in module.__dict__:
+            del module.tokenslim
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether the model's vision tower is patched."""
+    tower, kind = _vision_tower(model)
+    if kind == "timm":
+        from . import timm_vit
+
+        return timm_vit.is_patched(tower)
+    return bool(_patched_modules(model))

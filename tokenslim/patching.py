@@ -1,0 +1,102 @@
+"""``tokenslim.patch`` / ``unpatch`` / ``is_patched`` for every supported framework.
+
+Each framework has one adapter module that wires the shared ops into its modules:
+:mod:`tokenslim.timm_vit` (timm), :mod:`tokenslim.hf_vit` (Hugging Face ``transformers``) and
+:mod:`tokenslim.open_clip_vit` (``open_clip``). This module only picks the adapter from the
+model's package; the optional frameworks are imported only when a model of theirs is passed.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from .schedule import DEFAULT_PRUNE_LAYERS, RSpec
+
+
+def _package(model: nn.Module) -> str:
+    for cls in type(model).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith("tokenslim.hf_vit"):
+            return "transformers"
+        if module.startswith("tokenslim.open_clip_vit"):
+            return "open_clip"
+        if module.startswith("transformers."):
+            return "transformers"
+        if module.startswith("open_clip."):
+            return "open_clip"
+    return "timm"
+
+
+def _holds(model: nn.Module, package: str) -> bool:
+    """Whether a module of ``package`` (e.g. open_clip's vision tower) sits inside ``model``."""
+    return any(_package(m) == package for m in model.modules())
+
+
+def adapter_for(model: nn.Module) -> ModuleType:
+    """The adapter module that handles ``model``."""
+    package = _package(model)
+    if package == "timm" and _holds(model, "open_clip"):
+        package = "open_clip"
+    if package == "transformers":
+        from . import hf_vit
+
+        return hf_vit
+    if package == "open_clip":
+        from . import open_clip_vit
+
+        return open_clip_vit
+    from . import timm_vit
+
+    return timm_vit
+
+
+def patch(
+    model: nn.Module,
+    r: RSpec = 0,
+    keep_rate: Optional[Union[float, Sequence[float]]] = None,
+    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
+    fuse_pruned: bool = False,
+    prop_attn: Optional[bool] = None,
+    method: str = "tome",
+    threshold: Optional[float] = None,
+    margin: Optional[float] = None,
+) -> nn.Module:
+    """Patch a Vision Transformer in place for token merging and/or pruning.
+
+    Accepts timm ViTs (:func:`tokenslim.timm_vit.patch`), ``transformers`` ViT / DeiT / DINOv2 /
+    CLIP vision models (:func:`tokenslim.hf_vit.patch`) and ``open_clip`` models or vision towers
+    (:func:`tokenslim.open_clip_vit.patch`), with the same settings everywhere.
+
+    Args:
+        model: the model; it is changed in place and returned.
+        r: tokens merged per block (ToMe): an int, a per-block list, or a ramp ``(r, inflection)``.
+        keep_rate: attention-score pruning (EViT): at each block of ``prune_layers`` keep
+            ``ceil(keep_rate * n)`` of the ``n`` non-prefix tokens. ``None``: no pruning.
+        prune_layers: 0-based pruning blocks; EViT's DeiT setting ``(3, 6, 9)`` by default.
+        fuse_pruned: fuse the pruned tokens into one extra token (EViT's inattentive token fusion).
+        prop_attn: proportional attention; ``None``: on when merging, off for pruning alone.
+        method: ``"tome"`` (default, exact ToMe), ``"mlerp"``, ``"pitome"``, ``"diffrate"``, ``"ppt"``.
+        threshold: PPT's variance threshold (``method="ppt"`` only).
+        margin: PiToMe's energy margin at the first block (``method="pitome"`` only).
+
+    Raises:
+        TypeError: a model no adapter supports (nothing is changed).
+        ValueError: bad settings.
+        RuntimeError: an untested release of timm / transformers / open_clip.
+    """
+    return adapter_for(model).patch(
+        model, r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned, prop_attn=prop_attn,
+        method=method, threshold=threshold, margin=margin,
+    )
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original classes and behaviour of a patched model (a no-op if not patched)."""
+    return adapter_for(model).unpatch(model)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` (or the vision model inside it) is currently patched by tokenslim."""
+    return adapter_for(model).is_patched(model)
