@@ -255,3 +255,15 @@ def test_state_dict_deepcopy_and_training():
     loss = model(x, labels=torch.tensor([1, 2])).loss
     loss.backward()
     assert model.vit.layers[-1].mlp.fc1.weight.grad is not None
+
+
+def test_channel_pruning_refused_clearly():
+    from transformers import ViTConfig, ViTModel
+
+    model = ViTModel(ViTConfig(**dict(COMMON, intermediate_size=2 * DIM)))
+    with pytest.raises(TypeError, match="channel pruning .* supports timm ViTs only; ViTModel is a Hugging Face"):
+        tokenslim.prune_channels(model, heads_pruned=0.34)
+    from tokenslim.spec import apply_setting, parse_setting
+
+    apply_setting(model, parse_setting("r=4,method=mlerp"))  # settings text drives the transformers adapter too
+    assert model.tokenslim.method == "mlerp"

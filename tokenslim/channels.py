@@ -25,7 +25,21 @@ from torch import nn
 
 from .ops.masks import kept_channels, kept_heads, top_mask
 from .timm_vit import HEAD_MASK_BUFFER as HEAD_BUFFER
-from .timm_vit import _check_supported
+from .patching import adapter_for
+from .timm_vit import _check_supported as _check_timm_vit
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Channel pruning rewrites timm's fused ``qkv`` and MLP layers: refuse other frameworks clearly."""
+    adapter = adapter_for(model).__name__.rsplit(".", 1)[-1]
+    if adapter != "timm_vit":
+        framework = {"hf_vit": "a Hugging Face transformers", "open_clip_vit": "an open_clip"}.get(adapter, adapter)
+        raise TypeError(
+            f"channel pruning (heads_pruned / mlp_pruned / materialize) supports timm ViTs only; "
+            f"{type(model).__name__} is {framework} model. Token reduction (tokenslim.patch) works on it; "
+            "for channel pruning, load the same weights into the matching timm model"
+        )
+    _check_timm_vit(model)
 
 CRITERIA = ("l1", "l2", "activation", "taylor")
 Ratio = Union[float, Sequence[float]]

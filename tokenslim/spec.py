@@ -99,7 +99,7 @@ def apply_setting(model: nn.Module, setting: Dict[str, Any]) -> nn.Module:
     An empty setting leaves the model unpatched.
     """
     from .channels import materialize, prune_channels
-    from .timm_vit import patch, unpatch
+    from .patching import patch, unpatch
 
     patch_kwargs = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
     channel = {k: setting[k] for k in CHANNEL_KEYS if k in setting}
