@@ -197,3 +197,28 @@ def test_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(RuntimeError, match="--checkpoint"):
         create_model("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_pretrained_without_network_answers_from_the_cache_at_once(monkeypatch):
+    """An unreachable hub switches huggingface_hub to offline mode for the call (no minute of retries)."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    import timm
+
+    from tokenslim import loading
+
+    seen = []
+
+    def fake_create(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: False)
+    with pytest.raises(RuntimeError, match="--checkpoint"):
+        loading.create_model("vit_tiny_patch16_224", pretrained=True)
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False  # offline only during the call
+    monkeypatch.setattr(loading, "hub_reachable", lambda *a, **k: True)
+    with pytest.raises(RuntimeError):
+        loading.create_model("vit_tiny_patch16_224", pretrained=True)
+    assert seen == [True, False]

@@ -215,3 +215,18 @@ def test_bad_pruning_settings():
         patched.tokenslim.keep_rate = 2.0
     with pytest.raises(ValueError, match="out of range"):
         patched.tokenslim.keep_rate = 0.5
+
+
+def test_assignment_that_drops_tokens_on_a_patch_pooling_model_is_refused_and_undone():
+    model = tokenslim.patch(make_model("vit", global_pool="avg"), r=2, keep_rate=0.7, prune_layers=(1,), fuse_pruned=True)
+    with pytest.raises(ValueError, match="set fuse_pruned=True"):
+        model.tokenslim.fuse_pruned = False
+    assert model.tokenslim.fuse_pruned is True  # the refused change did not stick
+    with pytest.raises(ValueError, match="set fuse_pruned=True"):
+        model.tokenslim.method = "ppt"  # PPT's pruning branch drops tokens too
+    assert model.tokenslim.method == "tome"
+    model.tokenslim.keep_rate = None
+    model.tokenslim.fuse_pruned = False  # nothing pruned: allowed
+    with pytest.raises(ValueError, match="set fuse_pruned=True"):
+        model.tokenslim.keep_rate = 0.5
+    assert model.tokenslim.keep_rate is None

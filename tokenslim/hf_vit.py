@@ -377,12 +377,8 @@ def patch(
     settings = ReductionSettings(
         len(layers), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
         prop_attn=prop_attn, has_class_token=True, method=method, threshold=threshold, margin=margin,
+        pools_patches=_pools_patches(model, family),
     )
-    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned and _pools_patches(model, family):
-        raise ValueError(
-            f"pruning without fusion drops tokens, but {type(model).__name__} averages patch tokens in its head; "
-            "set fuse_pruned=True"
-        )
     base.__class__ = _patched_class(base_cls, family)
     base.tokenslim = settings
     if model is not base:

@@ -8,8 +8,10 @@ which is installed as the model's ``pretrained_cfg`` so ``resolve_data_config`` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Dict, Optional
+import socket
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -133,6 +135,38 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, nam
         ) from None
 
 
+HUB_HOST = "huggingface.co"
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the weights hub opens within ``timeout`` seconds."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_hub_if_unreachable(pretrained: bool) -> Iterator[None]:
+    """Without a network, let huggingface_hub answer from its cache at once instead of retrying for
+    about a minute before failing (cached weights still load)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    if not pretrained or constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def create_model(
     name: Optional[str] = None,
     pretrained: bool = False,
@@ -170,7 +204,8 @@ def create_model(
     if name is None:
         raise ValueError("pass a timm model name or a checkpoint path")
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+        with _offline_hub_if_unreachable(pretrained):
+            return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
     except (OSError, ConnectionError, RuntimeError) as e:
         if not pretrained:
             raise

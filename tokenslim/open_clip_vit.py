@@ -175,11 +175,9 @@ def patch(
         if type(block) is not ResidualAttentionBlock or not block.attn.batch_first:
             raise TypeError(f"tokenslim cannot patch block {i} of type {type(block).__qualname__}: only open_clip's "
                             "ResidualAttentionBlock (nn.MultiheadAttention) is supported")
-    settings = ReductionSettings(len(transformer.resblocks), has_class_token=True, **settings_kwargs)
     pools_patches = tower.attn_pool is not None or tower.pool_type != "tok"
-    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned and pools_patches:
-        raise ValueError(f"pruning without fusion drops tokens, but this tower pools patch tokens "
-                         f"(pool_type={tower.pool_type!r}); set fuse_pruned=True")
+    settings = ReductionSettings(len(transformer.resblocks), has_class_token=True, pools_patches=pools_patches,
+                                 **settings_kwargs)
     if Transformer not in _PATCHED:
         _PATCHED[Transformer] = type("TokenSlimOpenCLIPTransformer", (TokenSlimTransformer, Transformer),
                                      {"__module__": __name__})

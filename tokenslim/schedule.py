@@ -213,8 +213,10 @@ class ReductionSettings:
         method: str = "tome",
         threshold: Optional[float] = None,
         margin: Optional[float] = None,
+        pools_patches: bool = False,
     ) -> None:
         self._depth = int(depth)
+        self._pools_patches = bool(pools_patches)
         self._has_class_token = has_class_token
         self._plans: dict = {}
         self._keep_rate = None
@@ -228,6 +230,21 @@ class ReductionSettings:
         self.prop_attn = prop_attn
         self.threshold = threshold
         self.margin = margin
+        self._ready = True
+        self._check_drops()
+
+    @property
+    def drops_tokens(self) -> bool:
+        """Whether some patches can be left without a token (pruning without fusion, or a method that prunes)."""
+        pruning = any(rate < 1.0 for rate in self.keep_rates) and not self._fuse_pruned
+        return pruning or (self._method.may_drop and any(self._r_schedule))
+
+    def _check_drops(self) -> None:
+        if self._pools_patches and self.drops_tokens:
+            raise ValueError(
+                "pruning without fusion drops tokens, but this model pools over patch tokens (its head would "
+                "average zeros in); set fuse_pruned=True, or use a class-token pooled model"
+            )
 
     @property
     def depth(self) -> int:
@@ -414,7 +431,18 @@ class ReductionSettings:
         # Every setting change invalidates the plans computed for the old settings.
         if not name.startswith("_") and "_plans" in self.__dict__:
             self._plans = {}
+        if name.startswith("_") or "_ready" not in self.__dict__:
+            super().__setattr__(name, value)
+            return
+        # A change that would leave a patch-pooling head without tokens is refused and undone.
+        saved = dict(self.__dict__)
         super().__setattr__(name, value)
+        try:
+            self._check_drops()
+        except ValueError:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
 
     def plan(self, num_tokens: int, num_prefix_tokens: int) -> TokenPlan:
         """Token counts per block for an input of ``num_tokens`` tokens (computed once per setting)."""

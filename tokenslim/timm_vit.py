@@ -342,10 +342,14 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
+def _pools_patches(model: nn.Module) -> bool:
+    return model.attn_pool is not None or model.global_pool not in ("token", "")
+
+
 def _refuse_drops_with_patch_pooling(model: nn.Module) -> None:
     """Pruning without fusion leaves patches without a token; a head that pools patch tokens
     (avg/max/map) would then average zeros in."""
-    if model.attn_pool is not None or model.global_pool not in ("token", ""):
+    if _pools_patches(model):
         raise ValueError(
             f"pruning without fusion drops tokens, but this model pools over patch tokens "
             f"(global_pool={model.global_pool!r}); set fuse_pruned=True or use a class-token pooled model"
@@ -398,10 +402,8 @@ def patch(
     settings = ReductionSettings(
         len(model.blocks), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
         prop_attn=prop_attn, has_class_token=model.cls_token is not None, method=method,
-        threshold=threshold, margin=margin,
+        threshold=threshold, margin=margin, pools_patches=_pools_patches(model),
     )
-    if any(rate < 1.0 for rate in settings.keep_rates) and not fuse_pruned:
-        _refuse_drops_with_patch_pooling(model)
     model.tokenslim = settings
     model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
     return model
