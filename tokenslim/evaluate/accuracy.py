@@ -67,26 +67,12 @@ def _versions() -> Dict[str, str]:
             "python": platform.python_version()}
 
 
-class _Progress:
-    """A one-line progress report on stderr (main rank only), at most every ``every`` seconds."""
+def _progress_bar(total: int, enabled: bool, label: str):
+    """A tqdm bar over images on stderr: main rank only, and only on a terminal (quiet in logs)."""
+    from tqdm import tqdm
 
-    def __init__(self, total: int, enabled: bool, label: str, every: float = 2.0) -> None:
-        self.total, self.enabled, self.label, self.every = total, enabled, label, every
-        self.start = self.last = time.perf_counter()
-        self.done = 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            line = f"  {self.label}: {self.done}/{self.total} images, {rate:.1f} img/s, eta {eta:.0f}s"
-            if sys.stderr.isatty():  # redraw one line on a terminal, plain lines in logs
-                print("\r" + line, end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
-            else:
-                print(line, file=sys.stderr, flush=True)
+    return tqdm(total=total, desc=f"  {label}", unit="img", file=sys.stderr, mininterval=1.0, leave=False,
+                disable=None if enabled else True)
 
 
 @torch.no_grad()
@@ -155,7 +141,7 @@ def evaluate(
     # counts: correct1, correct5, images, agree, ref_correct1, sum(d), sum(|d|) for d = c1 - ref_c1
     counts = torch.zeros(7, dtype=torch.int64)
     sums = torch.zeros(2, dtype=torch.float64)  # loss, KL
-    bar = _Progress(len(data), progress and info.is_main, label)
+    bar = _progress_bar(len(data), progress and info.is_main, label)
     start = time.perf_counter()
     kept: list = []
     offset = 0
@@ -189,6 +175,7 @@ def evaluate(
         # Progress counts all ranks' images, estimated from this rank's share.
         bar.update(images.shape[0] * info.world_size)
         offset += images.shape[0]
+    bar.close()
     dist_utils.all_reduce_sum(counts, info)
     dist_utils.all_reduce_sum(sums, info)
     n = int(counts[2])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import platform
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -229,13 +230,20 @@ class Comparison:
 def _interleaved(runners: Mapping[str, _Runner], rounds: int, steps_per_round: int,
                  progress: Optional[Callable[[str], None]]) -> Dict[str, List[float]]:
     """Per-round times of every runner; the order alternates each round so drift cancels."""
+    from tqdm import tqdm
+
     names = list(runners)
     times: Dict[str, List[float]] = {n: [] for n in names}
+    # A bar on a terminal; where stderr is a log, the caller's line per round instead.
+    bar = tqdm(total=rounds, desc=f"  timing {len(names)} models", unit="round", file=sys.stderr, leave=False,
+               disable=None if progress else True)
     for i in range(rounds):
         for name in (names if i % 2 == 0 else names[::-1]):
             times[name].append(sum(runners[name].step() for _ in range(steps_per_round)))
-        if progress:
+        bar.update(1)
+        if progress and bar.disable:
             progress(f"round {i + 1}/{rounds}")
+    bar.close()
     return times
 
 
