@@ -21,7 +21,7 @@ Design:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,22 +29,11 @@ from torch import nn
 from .ops import unmerge
 from .ops.attention import AttentionResult, reducing_attention
 from .reduction import BlockStep, block_steps, reduce_step, step_log_size
-from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec
+from .schedule import ReductionSettings
+from .versions import check_release
 
 TRANSFORMERS_MIN = (5, 24, 0)
 TRANSFORMERS_MAX = (5, 24, 999)
-
-
-def _version_tuple(version: str) -> Tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break
-    return tuple(parts)
 
 
 def check_transformers_version(version: Optional[str] = None) -> None:
@@ -53,13 +42,8 @@ def check_transformers_version(version: Optional[str] = None) -> None:
         import transformers
 
         version = transformers.__version__
-    vt = _version_tuple(version)[:3]
-    if not TRANSFORMERS_MIN <= vt <= TRANSFORMERS_MAX:
-        raise RuntimeError(
-            f"tokenslim reads the layer internals of transformers and is tested with transformers 5.24.x; "
-            f"transformers {version} is installed. Install a tested release: pip install 'transformers>=5.24,<5.25' "
-            "(or the extra: pip install 'tokenslim[transformers]')"
-        )
+    check_release("transformers", version, TRANSFORMERS_MIN, TRANSFORMERS_MAX, "the layer internals of transformers",
+                  "transformers>=5.24,<5.25")
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,18 +316,8 @@ def is_transformers_model(model: nn.Module) -> bool:
     )
 
 
-def patch(
-    model: nn.Module,
-    r: RSpec = 0,
-    keep_rate: Optional[Union[float, Sequence[float]]] = None,
-    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
-    fuse_pruned: bool = False,
-    prop_attn: Optional[bool] = None,
-    method: str = "tome",
-    threshold: Optional[float] = None,
-    margin: Optional[float] = None,
-) -> nn.Module:
-    """Patch a ``transformers`` vision model in place (see :func:`tokenslim.patch` for the settings).
+def patch(model: nn.Module, **settings: Any) -> nn.Module:
+    """Patch a ``transformers`` vision model in place; ``settings`` are those of :func:`tokenslim.patch`.
 
     Accepts ``ViTModel``/``ViTForImageClassification``, ``DeiTModel``/``DeiTForImageClassification``
     (``WithTeacher``: the distillation token is a protected prefix token), ``Dinov2Model``/
@@ -374,15 +348,12 @@ def patch(
         if type(layer) is not family["layer"]:
             raise TypeError(f"tokenslim cannot patch layer {i} of type {type(layer).__qualname__}: "
                             f"{base_cls.__name__} is supported with {family['layer'].__name__} layers only")
-    settings = ReductionSettings(
-        len(layers), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
-        prop_attn=prop_attn, has_class_token=True, method=method, threshold=threshold, margin=margin,
-        pools_patches=_pools_patches(model, family),
-    )
+    reduction = ReductionSettings(len(layers), has_class_token=True, pools_patches=_pools_patches(model, family),
+                                  **settings)
     base.__class__ = _patched_class(base_cls, family)
-    base.tokenslim = settings
+    base.tokenslim = reduction
     if model is not base:
-        model.tokenslim = settings
+        model.tokenslim = reduction
     return model
 
 

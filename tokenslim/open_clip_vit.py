@@ -12,7 +12,7 @@ underneath and are patched through :mod:`tokenslim.timm_vit`.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ from torch import nn
 from .ops import unmerge
 from .ops.attention import AttentionResult, reducing_attention
 from .reduction import BlockStep, block_steps, reduce_step, step_log_size
-from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec
+from .schedule import ReductionSettings
+from .versions import check_release
 
 OPEN_CLIP_MIN = (3, 0, 0)
 OPEN_CLIP_MAX = (3, 3, 999)
@@ -33,14 +34,8 @@ def check_open_clip_version(version: Optional[str] = None) -> None:
         import open_clip
 
         version = open_clip.__version__
-    from .hf_vit import _version_tuple
-
-    if not OPEN_CLIP_MIN <= _version_tuple(version)[:3] <= OPEN_CLIP_MAX:
-        raise RuntimeError(
-            f"tokenslim reads open_clip's ResidualAttentionBlock internals and is tested with open_clip_torch "
-            f"3.x up to 3.3; {version} is installed. Install a tested release: pip install 'open_clip_torch>=3,<3.4' "
-            "(or the extra: pip install 'tokenslim[open_clip]')"
-        )
+    check_release("open_clip_torch", version, OPEN_CLIP_MIN, OPEN_CLIP_MAX, "open_clip's ResidualAttentionBlock",
+                  "open_clip_torch>=3.0,<3.4")
 
 
 def mha_attention(attn: nn.MultiheadAttention, x: torch.Tensor, log_size: Optional[torch.Tensor],
@@ -129,29 +124,17 @@ def _vision_tower(model: nn.Module):
     return None, None
 
 
-def patch(
-    model: nn.Module,
-    r: RSpec = 0,
-    keep_rate: Optional[Union[float, Sequence[float]]] = None,
-    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
-    fuse_pruned: bool = False,
-    prop_attn: Optional[bool] = None,
-    method: str = "tome",
-    threshold: Optional[float] = None,
-    margin: Optional[float] = None,
-) -> nn.Module:
+def patch(model: nn.Module, **settings: Any) -> nn.Module:
     """Patch an open_clip model (``CLIP``, ``CustomTextCLIP``, ...) or its ``visual`` tower in place.
 
-    Only the image tower is reduced; the text tower is untouched. Settings as in
-    :func:`tokenslim.patch`; they are readable and writable as ``model.tokenslim``.
+    Only the image tower is reduced; the text tower is untouched. ``settings`` are those of
+    :func:`tokenslim.patch`; they stay readable and writable as ``model.tokenslim``.
 
     Raises:
         TypeError: no vision tower, or blocks other than ``ResidualAttentionBlock`` (open_clip's
             ``CustomResidualAttentionBlock`` for qk-norm / scaled-cosine models is refused).
         ValueError: bad settings; pruning without fusion on a tower that averages patch tokens.
     """
-    settings_kwargs = dict(r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
-                           prop_attn=prop_attn, method=method, threshold=threshold, margin=margin)
     check_open_clip_version()
     tower, kind = _vision_tower(model)
     if tower is None:
@@ -160,7 +143,7 @@ def patch(
     if kind == "timm":
         from . import timm_vit
 
-        timm_vit.patch(tower, **settings_kwargs)
+        timm_vit.patch(tower, **settings)
         if model is not tower:
             model.tokenslim = tower.tokenslim
         return model
@@ -176,16 +159,16 @@ def patch(
             raise TypeError(f"tokenslim cannot patch block {i} of type {type(block).__qualname__}: only open_clip's "
                             "ResidualAttentionBlock (nn.MultiheadAttention) is supported")
     pools_patches = tower.attn_pool is not None or tower.pool_type != "tok"
-    settings = ReductionSettings(len(transformer.resblocks), has_class_token=True, pools_patches=pools_patches,
-                                 **settings_kwargs)
+    reduction = ReductionSettings(len(transformer.resblocks), has_class_token=True, pools_patches=pools_patches,
+                                  **settings)
     if Transformer not in _PATCHED:
         _PATCHED[Transformer] = type("TokenSlimOpenCLIPTransformer", (TokenSlimTransformer, Transformer),
                                      {"__module__": __name__})
     transformer.__class__ = _PATCHED[Transformer]
-    transformer.tokenslim = settings
-    model.tokenslim = settings
+    transformer.tokenslim = reduction
+    model.tokenslim = reduction
     if tower is not model:
-        tower.tokenslim = settings
+        tower.tokenslim = reduction
     return model
 
 

@@ -33,21 +33,10 @@ from .ops import unmerge
 from .ops.attention import AttentionResult, reducing_attention
 from .reduction import BlockStep, block_steps, reduce_step, step_log_size
 from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
+from .versions import check_release
 
 TIMM_MIN = (1, 0, 28)
 TIMM_MAX = (1, 0, 31)
-
-
-def _version_tuple(version: str) -> Tuple[int, ...]:
-    parts = []
-    for piece in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break
-    return tuple(parts)
 
 
 def check_timm_version(version: Optional[str] = None) -> None:
@@ -56,13 +45,8 @@ def check_timm_version(version: Optional[str] = None) -> None:
         import timm
 
         version = timm.__version__
-    vt = _version_tuple(version)[:3]
-    if not TIMM_MIN <= vt <= TIMM_MAX:
-        lo, hi = ".".join(map(str, TIMM_MIN)), ".".join(map(str, TIMM_MAX))
-        raise RuntimeError(
-            f"tokenslim patches timm's Block/Attention internals and is tested with timm {lo} to {hi}; "
-            f"timm {version} is installed. Install a tested release: pip install 'timm>={lo},<={hi}'"
-        )
+    lo, hi = ".".join(map(str, TIMM_MIN)), ".".join(map(str, TIMM_MAX))
+    check_release("timm", version, TIMM_MIN, TIMM_MAX, "timm's Block/Attention internals", f"timm>={lo},<={hi}")
 
 
 HEAD_MASK_BUFFER = "tokenslim_head_mask"
