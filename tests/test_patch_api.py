@@ -257,6 +257,13 @@ def test_unsupported_models_refused_untouched():
     with pytest.raises(TypeError, match="block 3"):
         tokenslim.patch(model, r=4)
     assert not tokenslim.is_patched(model)
+    # A block replaced after patching is refused when reduction reaches it, naming the block.
+    model = tokenslim.patch(make_model("vit"), r=4)
+    model.blocks[2] = ResPostBlock(48, 3)
+    with pytest.raises(TypeError, match="block 2 is now a ResPostBlock .* replaced after tokenslim.patch"):
+        model(images(1))
+    model.tokenslim.r = 0  # nothing reduced: timm's own blocks run, whatever they are
+    assert model(images(1)).shape == (1, 10)
 
 
 def test_bad_arguments():

@@ -192,12 +192,19 @@ class _TokenSlimMixin:
                     x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
                 else:
                     x = block(x, attn_mask=attn_mask, is_causal=is_causal)
-            elif checkpointing:
-                x, sizes, source = torch.utils.checkpoint.checkpoint(
-                    reducing_block, block, x, sizes, source, step, use_reentrant=False
-                )
             else:
-                x, sizes, source = reducing_block(block, x, sizes, source, step)
+                if type(block) not in SUPPORTED_BLOCKS or type(block.attn) not in SUPPORTED_ATTENTION:
+                    raise TypeError(
+                        f"block {i} is now a {type(block).__qualname__} with {type(block.attn).__qualname__} "
+                        "attention: it was replaced after tokenslim.patch, and token reduction supports timm's Block "
+                        "with Attention only. Restore the block, or tokenslim.unpatch(model) to run it unreduced"
+                    )
+                if checkpointing:
+                    x, sizes, source = torch.utils.checkpoint.checkpoint(
+                        reducing_block, block, x, sizes, source, step, use_reentrant=False
+                    )
+                else:
+                    x, sizes, source = reducing_block(block, x, sizes, source, step)
             if take_indices is not None and i in take_indices:
                 taken.append((x, source, has_dropped))
         return x, sizes, source, has_dropped, taken
