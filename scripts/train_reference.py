@@ -15,8 +15,9 @@ Recipe (chosen for a short CPU schedule; every value is a flag):
 Interruptions lose at most one epoch: the full training state (weights, optimizer, schedule,
 RNG, history) is written atomically to ``--state`` after every epoch and training resumes from it
 when the same command is run again. Passing a larger ``--epochs`` to a resumed (or finished) run
-stretches the cosine schedule to the new length and trains on; the history records it. At the end the model is saved as a tokenslim checkpoint
-(``--out``, fp16 weights, with its timm name, arguments and data config) and evaluated on the 10k
+stretches the cosine schedule to the new length and trains on (a smaller one, not below the epochs
+already trained, shortens it); the history records each change. At the end the model is saved as a
+tokenslim checkpoint (``--out``, fp16 weights, with its timm name, arguments and data config) and evaluated on the 10k
 test split with the project's evaluator.
 
     .venv/bin/python scripts/train_reference.py                    # train or resume
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
         if args.epochs != before:
             # A longer run continues the same cosine schedule stretched to the new length (the learning
             # rate rises again from where the new curve is): recorded in the history.
-            history.append({"schedule": f"extended from {before} to {args.epochs} epochs after epoch {start_epoch}"})
+            history.append({"schedule": f"changed from {before} to {args.epochs} epochs after epoch {start_epoch}"})
         print(f"resuming from {args.state} after epoch {start_epoch}/{args.epochs}", flush=True)
 
     amp = args.precision == "bf16"
