@@ -66,3 +66,23 @@ def test_pareto_png_is_written_with_matplotlib(tmp_path):
     path = tmp_path / "p.png"
     assert pareto_png(rows, str(path), "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_uses_the_shipped_checkpoint_when_its_recipe_matches(tmp_path, capsys, monkeypatch):
+    import tokenslim.demo as demo
+
+    # The real shipped model: trained with the demo's defaults, loadable offline.
+    recipe = torch.load(demo.PACKAGED_CHECKPOINT, weights_only=True)["extra"]["recipe"]
+    assert (recipe["train_images"], recipe["epochs"]) == (12000, 6) and recipe["test_top1"] > 90
+    # A stand-in shipped file for a tiny recipe, so the test stays fast.
+    run_demo(str(tmp_path / "a"), settings=["r=4"], train_images=128, test_images=40, epochs=1, rounds=15,
+             batch_size=8)
+    monkeypatch.setattr(demo, "PACKAGED_CHECKPOINT", str(tmp_path / "a" / "demo_vit.pth"))
+    capsys.readouterr()
+    run_demo(str(tmp_path / "b"), settings=["r=4"], train_images=128, test_images=40, epochs=1, rounds=15,
+             batch_size=8)
+    err = capsys.readouterr().err
+    assert "using the demo model shipped with tokenslim" in err and "epoch 1/1" not in err
+    run_demo(str(tmp_path / "c"), settings=["r=4"], train_images=128, test_images=40, epochs=2, rounds=15,
+             batch_size=8)  # another recipe: trained here
+    assert "epoch 2/2" in capsys.readouterr().err

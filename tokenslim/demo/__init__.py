@@ -8,8 +8,12 @@ Pareto plot.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import List, Optional, Sequence
+
+PACKAGED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_vit.pth")
+"""The demo model trained with the defaults (12,000 images, 6 epochs), shipped with the package."""
 
 DEFAULT_SETTINGS = (
     "r=2", "r=4", "r=6", "r=8", "r=(8,-1)",
@@ -40,12 +44,19 @@ def run_demo(
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "demo_vit.pth")
-    log(f"generating {train_images} training and {test_images} test images of {len(CLASSES)} shapes")
-    train_data, test_data = split(train_images, test_images)
+    log(f"generating {test_images} test images of {len(CLASSES)} shapes")
+    _, test_data = split(0, test_images)
     if os.path.exists(ckpt) and not retrain:
         log(f"reusing the trained model in {ckpt} (pass --retrain to train again)")
         model = load_checkpoint(ckpt)
+    elif not retrain and _packaged_matches(train_images, epochs):
+        shutil.copyfile(PACKAGED_CHECKPOINT, ckpt)
+        log(f"using the demo model shipped with tokenslim ({train_images} images, {epochs} epochs), copied to "
+            f"{ckpt}; pass --retrain to train it here (a few minutes)")
+        model = load_checkpoint(ckpt)
     else:
+        log(f"generating {train_images} training images")
+        train_data, _ = split(train_images, 0)
         log(f"training {DEMO_MODEL} {DEMO_KWARGS} for {epochs} epochs")
         model = create_demo_model()
         recipe = train(model, train_data, test_data, epochs=epochs, log=log)
@@ -64,3 +75,13 @@ def run_demo(
     print("* = on the accuracy/throughput Pareto front; d top1 = paired difference to the unpatched model")
     print("wrote " + ", ".join(paths.values()))
     return rows
+
+
+def _packaged_matches(train_images: int, epochs: int) -> bool:
+    """Whether the shipped checkpoint was trained with exactly these demo arguments."""
+    if not os.path.isfile(PACKAGED_CHECKPOINT):
+        return False
+    import torch
+
+    recipe = torch.load(PACKAGED_CHECKPOINT, map_location="cpu", weights_only=True).get("extra", {}).get("recipe", {})
+    return recipe.get("train_images") == train_images and recipe.get("epochs") == epochs
