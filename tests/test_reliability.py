@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tokenslim
 import tokenslim.sweep as sweep_module
 from conftest import SMALL, make_model
 from tokenslim.cli import main
@@ -256,3 +257,21 @@ def test_bad_flags_fail_early_with_one_line(argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_input_sizes_the_model_cannot_take_are_refused_before_work():
+    import timm
+
+    from tokenslim.measure import count_macs
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=3)
+    with pytest.raises(TypeError, match="img_size must be an int or \\(height, width\\) of ints, got '32'"):
+        count_macs(model, img_size="32")
+    with pytest.raises(ValueError, match="this model takes 32x32 px inputs .* got 33x33"):
+        tokenslim.token_plan(model, img_size=33)
+    assert tokenslim.token_plan(model, img_size=32).tokens[0] == 65
+    dynamic = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=48,
+                                num_heads=3, dynamic_img_size=True)
+    assert tokenslim.token_plan(dynamic, img_size=48).tokens[0] == 145
+    with pytest.raises(ValueError, match="not a multiple of the model's 4x4 px patches"):
+        count_macs(dynamic, img_size=33)

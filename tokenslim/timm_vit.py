@@ -33,6 +33,7 @@ from .ops import unmerge
 from .ops.attention import AttentionResult, reducing_attention
 from .reduction import BlockStep, block_steps, reduce_step, step_log_size
 from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
+from .input_size import resolve_img_size
 from .versions import check_release
 
 TIMM_MIN = (1, 0, 28)
@@ -464,8 +465,7 @@ def token_plan(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]]
     if img_size is None:
         grid = tuple(model.patch_embed.grid_size)
     else:
-        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        grid = tuple(model.patch_embed.dynamic_feat_size(hw))
+        grid = tuple(model.patch_embed.dynamic_feat_size(resolve_img_size(model, img_size)))
     num_tokens = grid[0] * grid[1] + model.num_prefix_tokens
     if is_patched(model):
         return model.tokenslim_plan(num_tokens)

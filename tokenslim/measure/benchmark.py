@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from .macs import default_img_size
+from ..input_size import resolve_img_size
 
 PRECISIONS = ("float32", "bfloat16", "float16", "amp_bfloat16", "amp_float16")
 
@@ -39,11 +39,7 @@ def resolve_precision(precision: str) -> Tuple[torch.dtype, Optional[torch.dtype
 
 
 def _as_size(img_size, model) -> Tuple[int, int]:
-    if img_size is None:
-        return default_img_size(model)
-    if isinstance(img_size, int):
-        return (img_size, img_size)
-    return tuple(img_size)
+    return resolve_img_size(model, img_size)
 
 
 def median_interval(values: Sequence[float], confidence: float = 0.95) -> Tuple[float, float, float]:

@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..input_size import default_img_size, resolve_img_size  # noqa: F401  (default_img_size re-exported)
 from torch.utils.flop_counter import FlopCounterMode
 
 UNIT = "GMACs (1 multiply-add = 1; attention matmuls included)"
@@ -65,18 +67,6 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def default_img_size(model: nn.Module) -> Tuple[int, int]:
-    """The input size a timm model was built for (``patch_embed.img_size``, else its data config)."""
-    patch_embed = getattr(model, "patch_embed", None)
-    size = getattr(patch_embed, "img_size", None)
-    if size is not None:
-        return tuple(size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"][-2:])
-    raise ValueError("cannot tell the model's input size: pass img_size=")
-
-
 def count_macs(
     model: nn.Module,
     img_size: Optional[Union[int, Sequence[int]]] = None,
@@ -90,14 +80,7 @@ def count_macs(
         img_size: ``H`` or ``(H, W)``; defaults to the size the model was built for.
         in_chans: input channels.
     """
-    if img_size is None:
-        size = default_img_size(model)
-    elif isinstance(img_size, int):
-        size = (img_size, img_size)
-    else:
-        size = tuple(int(s) for s in img_size)
-        if len(size) != 2:
-            raise ValueError(f"img_size must be an int or (height, width), got {img_size!r}")
+    size = resolve_img_size(model, img_size)
     params = sum(p.numel() for p in model.parameters())
     meta = meta_copy(model).eval()
     x = torch.empty(1, in_chans, *size, device="meta")
