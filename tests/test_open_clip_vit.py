@@ -128,9 +128,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="set fuse_pruned=True"):
         tokenslim.patch(model, keep_rate=0.5, prune_layers=(1,))
     assert not tokenslim.is_patched(model)
-    custom = _clip(qk_norm=True) if "qk_norm" in CLIPVisionCfg.__dataclass_fields__ else None
-    if custom is not None:
-        with pytest.raises(TypeError, match="only open_clip's ResidualAttentionBlock"):
-            tokenslim.patch(custom, r=2)
+    with pytest.raises(TypeError, match="only open_clip's ResidualAttentionBlock"):
+        tokenslim.patch(_clip(qk_norm=True), r=2)  # qk-norm towers use CustomResidualAttentionBlock
     with pytest.raises(TypeError, match="no open_clip VisionTransformer"):
         tokenslim.patch(model.transformer, r=2)  # the text transformer

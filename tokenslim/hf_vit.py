@@ -187,16 +187,11 @@ def _finish(output, return_dict: bool):
 class _TokenSlimHF:
     """Shared pieces of the patched base models."""
 
+    # Set per family by _patched_class: the layer list, the reducing layer, the protected prefix.
     tokenslim: ReductionSettings
+    tokenslim_layers: nn.ModuleList
+    num_prefix_tokens: int
     _tokenslim_layer: Callable
-
-    @property
-    def tokenslim_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 1
 
     def _tokenslim_run(self, x: torch.Tensor, hidden: bool):
         layers = self.tokenslim_layers
@@ -307,13 +302,6 @@ def find_base_models(model: nn.Module) -> List[nn.Module]:
         if cls in table:
             found.append(module)
     return found
-
-
-def is_transformers_model(model: nn.Module) -> bool:
-    """Whether ``model`` comes from the ``transformers`` package."""
-    return type(model).__module__.startswith("transformers.") or (
-        _original_class(type(model)) is not None
-    )
 
 
 def patch(model: nn.Module, **settings: Any) -> nn.Module:
