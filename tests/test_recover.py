@@ -165,3 +165,18 @@ def test_recover_command_writes_a_checkpoint_that_eval_reproduces(tmp_path, caps
           "--json", str(tmp_path / "e.json")])
     first = json.loads((tmp_path / "e.json").read_text())["results"][0]
     assert first["settings"]["r"] == 6  # evaluated as the reduced model it was recovered for
+
+
+def test_light_augmentation_crops_and_flips_at_the_input_size():
+    from PIL import Image
+
+    from tokenslim.evaluate.data import light_augmentation
+
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic"}
+    transform = light_augmentation(config)
+    img = Image.new("RGB", (48, 40))
+    img.putdata([(x * 5 % 256, y * 6 % 256, (x * y) % 256) for y in range(40) for x in range(48)])
+    torch.manual_seed(0)
+    a, b = transform(img), transform(img)
+    assert a.shape == b.shape == (3, 32, 32)
+    assert not torch.equal(a, b)  # a different crop or flip each time

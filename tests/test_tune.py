@@ -31,7 +31,8 @@ def _fake_device(monkeypatch, efficiency):
 def test_meets_a_speed_target_after_correcting_for_efficiency(monkeypatch, tmp_path):
     _fake_device(monkeypatch, efficiency=0.8)
     model = make_model("vit", depth=6)
-    result = tune_module.tune(model, _data(), speedup=1.3, methods=["tome"], step=4, out_dir=str(tmp_path))
+    result = tune_module.tune(model, _data(), speedup=1.3, methods=["tome"], step=4, out_dir=str(tmp_path),
+                              search=("merge",))
     assert result.best.throughput_ratio >= 1.3  # the re-measurement meets the target
     assert result.best.mac_ratio >= 1.3 / 0.8 * 0.99
     # The setting is settings text that patches a model to the same compute.
@@ -75,21 +76,22 @@ def test_resume_replays_finished_candidates(monkeypatch, tmp_path):
         if len(calls) > 5:
             raise KeyboardInterrupt
 
+    kw = dict(speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path), search=("merge", "prune"))
     with pytest.raises(KeyboardInterrupt):
-        tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path),
+        tune_module.tune(model, _data(), **kw,
                          progress=kill_after_five)
     before = len(calls)
     calls.clear()
-    full = tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path))
+    full = tune_module.tune(model, _data(), **kw)
     resumed_calls = len(calls)
     calls.clear()
-    fresh = tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path),
+    fresh = tune_module.tune(model, _data(), **kw,
                              fresh=True)
     assert fresh.setting == full.setting
     # The resumed run did not redo the candidates finished before the kill (1 call: calibration).
     assert resumed_calls == len(calls) - (before - 1)
     calls.clear()
-    tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=4, out_dir=str(tmp_path))
+    tune_module.tune(model, _data(), **kw)
     assert len(calls) == 1  # everything replayed; only the unpatched calibration outputs
 
 
@@ -101,3 +103,40 @@ def test_bad_targets_are_refused():
         tune_module.tune(model, _data(), speedup=0.9)
     with pytest.raises(ValueError, match="unknown method"):
         tune_module.tune(model, _data(), methods=["nope"])
+
+
+def test_pruning_the_last_block_of_a_class_token_model_is_found_first(monkeypatch):
+    # After the last block's attention only the class token is read: pruning there is exact.
+    _fake_device(monkeypatch, efficiency=1.0)
+    model = make_model("vit", depth=4)
+    result = tune_module.tune(model, _data(), speedup=1.1, methods=["tome"], step=4, search=("prune",))
+    setting = parse_setting(result.setting)
+    assert setting["prune_layers"] == (3,) and setting["keep_rate"][0] < 1.0, result.setting
+    assert result.best.kl < 1e-9 and result.best.agreement == 100.0
+    # and the pruned model's logits are the unpatched ones
+    x = images(4, seed=2)
+    with torch.no_grad():
+        assert torch.allclose(apply_setting(make_model("vit", depth=4), setting)(x), model(x), atol=1e-5)
+
+
+def test_mlp_channels_in_the_search(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    model = make_model("vit", depth=4)
+    result = tune_module.tune(model, _data(), speedup=1.1, methods=["tome"], step=4, search=("mlp",))
+    setting = parse_setting(result.setting)
+    assert setting["mlp_pruned"] > 0 and setting["r"] == [0, 0, 0, 0]
+    # The setting text rebuilds the same (materialised) compute.
+    patched = apply_setting(make_model("vit", depth=4), setting)
+    assert count_macs(patched).gmacs == pytest.approx(result.best.gmacs)
+
+
+def test_no_pruning_where_the_head_pools_patches(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    model = make_model("avg_no_class", depth=4)
+    result = tune_module.tune(model, _data(), speedup=1.1, methods=["tome"], step=4, search=("merge", "prune"))
+    assert all("keep_rate" not in c.setting for c in result.candidates)
+
+
+def test_unknown_search_space_is_refused():
+    with pytest.raises(ValueError, match="search takes"):
+        tune_module.tune(make_model("vit"), _data(), search=("merge", "heads"))

@@ -292,6 +292,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=1000, help="calibration images (a deterministic subset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=2, help="tokens added to a block per greedy step")
+    p.add_argument("--search", default="merge,prune,mlp",
+                   help="what the search may change: a comma list of merge (per-block merges), prune (per-block "
+                        "pruning levels, class-token models) and mlp (MLP channel share)")
     p.add_argument("--budget-min", type=float, default=20.0, help="wall-time budget in minutes")
     p.add_argument("--batch-size", type=int, default=64, help="batch size the speed-up is measured at")
     p.add_argument("--img-size", type=int, default=None)
@@ -324,6 +327,7 @@ def run_tune_cmd(args: argparse.Namespace):
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
     result = tune(
         model, data, speedup=speedup, max_drop=args.max_drop, methods=args.methods, step=args.step,
+        search=[s.strip() for s in args.search.split(",") if s.strip()],
         batch_size=args.batch_size, img_size=args.img_size, device=args.device, precision=args.precision,
         rounds=args.rounds, budget_min=args.budget_min, num_workers=args.workers, method_options=options,
         out_dir=args.out, fresh=args.fresh, progress=None if args.quiet else _progress,
@@ -352,6 +356,8 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=2000, help="training images (a deterministic subset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ce-weight", type=float, default=0.0, help="add cross-entropy on the labels with this weight")
+    p.add_argument("--augment", action="store_true",
+                   help="light augmentation (random 60-100%% crop, flip) instead of the evaluation transform")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", required=True, help="the recovered tokenslim checkpoint (carries settings and channels)")
     p.add_argument("--state", default=None, help="resume file (default: OUT.state)")
@@ -379,6 +385,10 @@ def run_recover_cmd(args: argparse.Namespace):
 
     check_setting(teacher, setting, args.settings)
     transform, config = resolve_transform(teacher)
+    if args.augment:
+        from .evaluate.data import light_augmentation
+
+        transform = light_augmentation(config)
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
     model = apply_setting(copy.deepcopy(teacher), setting)
     result = recover(model, teacher, data, method=args.method, steps=args.steps, lr=args.lr,
@@ -390,6 +400,7 @@ def run_recover_cmd(args: argparse.Namespace):
                     {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
                      if k in config},
                     extra={"recovered_from": format_setting(setting), "method": args.method, "steps": result.steps,
+                           "augment": bool(args.augment),
                            "images": result.images, "minutes": round(result.seconds / 60, 2)},
                     settings=format_setting(token_setting) if token_setting else None)
     print(f"recovered {format_setting(setting)} with {args.method}: {result.steps} steps on {result.images} images, "

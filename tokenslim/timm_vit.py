@@ -165,11 +165,14 @@ class _TokenSlimMixin:
         is_causal: bool,
         take_indices: Optional[List[int]] = None,
         last_index: Optional[int] = None,
+        track_source: bool = True,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], bool, List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]]:
         """Run the blocks.
 
         Returns tokens, sizes, source map, whether pruning dropped tokens without fusion, and
-        ``(tokens, source, has_dropped)`` of every block in ``take_indices``.
+        ``(tokens, source, has_dropped)`` of every block in ``take_indices``. With
+        ``track_source=False`` no source map is composed (it is returned as ``None``): for callers
+        that read the prefix tokens only.
         """
         plan = self.tokenslim_plan(x.shape[1])
         if plan.reduces and (attn_mask is not None or is_causal):
@@ -180,14 +183,14 @@ class _TokenSlimMixin:
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         sizes: Optional[torch.Tensor] = None
         source: Optional[torch.Tensor] = None
-        has_dropped = False
+        has_dropped = reduced = False
         taken: List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]] = []
         steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens)
         for i, (block, step) in enumerate(zip(self.blocks, steps)):
             if last_index is not None and i > last_index:
                 break
             has_dropped = plan.dropped[i]
-            if source is None and not step.reduces:
+            if not reduced and not step.reduces:
                 # Nothing reduced yet: timm's own block, so no reduction is the unpatched computation.
                 if checkpointing:
                     x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
@@ -200,15 +203,33 @@ class _TokenSlimMixin:
                         "attention: it was replaced after tokenslim.patch, and token reduction supports timm's Block "
                         "with Attention only. Restore the block, or tokenslim.unpatch(model) to run it unreduced"
                     )
+                reduced = True
                 if checkpointing:
                     x, sizes, source = torch.utils.checkpoint.checkpoint(
                         reducing_block, block, x, sizes, source, step, use_reentrant=False
                     )
                 else:
                     x, sizes, source = reducing_block(block, x, sizes, source, step)
+                if not track_source:
+                    source = None  # composing it is all the cost: a block's own map comes free
             if take_indices is not None and i in take_indices:
                 taken.append((x, source, has_dropped))
         return x, sizes, source, has_dropped, taken
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """timm's ``forward_head(forward_features(x))``. When the head reads the prefix tokens only
+        (class-token pooling, distilled heads) the reduced tokens go to it as they are: no source
+        map is composed and nothing is unmerged, since neither can change what the head reads."""
+        if not _reads_prefix_only(self):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self._tokenslim_embed(x)
+        x, _, _, _, _ = self._tokenslim_blocks(x, attn_mask, is_causal, track_source=False)
+        return self.forward_head(self.norm(x))
 
     def forward_features(
         self,
@@ -336,6 +357,14 @@ def _check_supported(model: nn.Module) -> None:
 
 def _pools_patches(model: nn.Module) -> bool:
     return model.attn_pool is not None or model.global_pool not in ("token", "")
+
+
+def _reads_prefix_only(model: nn.Module) -> bool:
+    """Whether ``forward_head`` reads nothing but the prefix tokens (class / distillation tokens)."""
+    if isinstance(model, VisionTransformerDistilled):
+        return True
+    return getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token" \
+        and model.num_prefix_tokens > 0
 
 
 def _refuse_drops_with_patch_pooling(model: nn.Module) -> None:

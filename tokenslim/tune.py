@@ -7,10 +7,13 @@ GMACs only steer the search between measurements.
 
 Search, per method in ``methods``:
 
-1. Greedy per-block allocation: starting from no reduction, repeatedly add ``step`` merged tokens
-   to the block where it costs the least fidelity per MAC saved (every block is tried at every
-   step), until the MAC ratio reaches the MAC ratio the target needs. Where in the network tokens
-   are removed matters; this finds it from measured sensitivity instead of a fixed ramp.
+1. Greedy allocation: starting from no reduction, repeatedly take the one step that costs the
+   least fidelity per MAC saved, among: ``step`` more merges in one block, one block's pruning a
+   level lower, a larger share of MLP channels removed (every option is evaluated at every step),
+   until the MAC ratio reaches the MAC ratio the target needs. Where in the network tokens are
+   removed, and how, matters; this finds it from measured sensitivity instead of a fixed ramp. (On
+   a class-token model, pruning the last block down to one token costs nothing: only the class
+   token is read after it. The search finds that first.)
 2. Measure: time the candidate interleaved with the unpatched model. The measured efficiency
    (speed-up / MAC ratio) corrects the MAC ratio the target needs; continue the greedy walk and
    measure again, until the target is met.
@@ -123,8 +126,34 @@ class _Journal:
                 f.write(json.dumps(row) + "\n")
 
 
-def _schedule_text(r: Sequence[int], method: str, extra: str = "") -> str:
+SEARCH_SPACES = ("merge", "prune", "mlp")
+KEEP_LEVELS = (1.0, 0.75, 0.5, 0.25, 0.01)
+"""Pruning levels a greedy step walks down, per block (0.01 keeps one patch token on models up
+to 100 patches: after the last block's attention only the class token is read, so there pruning
+everything is free)."""
+MLP_STEP, MLP_MAX = 0.125, 0.5
+
+
+@dataclass(frozen=True)
+class _State:
+    """A point of the search space: merges per block, pruning level per block, MLP channel share."""
+
+    r: Tuple[int, ...]
+    keep: Tuple[int, ...]  # index into KEEP_LEVELS per block
+    mlp: float = 0.0
+
+    def text(self, method: str, extra: str = "") -> str:
+        return _schedule_text(self.r, method, extra, [KEEP_LEVELS[k] for k in self.keep], self.mlp)
+
+
+def _schedule_text(r: Sequence[int], method: str, extra: str = "", keep: Optional[Sequence[float]] = None,
+                   mlp: float = 0.0) -> str:
     text = f"r={list(r)}".replace(" ", "")
+    layers = [i for i, k in enumerate(keep or ()) if k < 1.0]
+    if layers:
+        text += f",keep_rate={[keep[i] for i in layers]},prune_layers={tuple(layers)}".replace(" ", "")
+    if mlp:
+        text += f",mlp_pruned={mlp}"
     if method != "tome":
         text += f",method={method}"
     return text + (f",{extra}" if extra else "")
@@ -137,6 +166,7 @@ def tune(
     max_drop: Optional[float] = None,
     methods: Sequence[str] = DEFAULT_METHODS,
     step: int = 2,
+    search: Sequence[str] = SEARCH_SPACES,
     batch_size: int = 64,
     img_size: Optional[int] = None,
     device: Optional[str] = None,
@@ -162,6 +192,11 @@ def tune(
             (top-1 with labels, else disagreement in %). Pass ``speedup=None`` with it.
         methods: reduction methods to search (see :mod:`tokenslim.methods`).
         step: tokens added to a block per greedy step.
+        search: what a greedy step may change: ``"merge"`` (``step`` more merges in one block),
+            ``"prune"`` (one block's pruning one level down :data:`KEEP_LEVELS`, without fusion;
+            only on models with a class token, where pruning ranks by class attention) and
+            ``"mlp"`` (``0.125`` more of every MLP's hidden channels removed and materialised,
+            up to ``0.5``). Every step is judged by the same KL per MAC saved.
         batch_size, img_size, device, precision, rounds: the timing conditions.
         budget_min: wall-time budget; the search returns its best so far when it runs out.
         method_options: extra settings text per method, e.g. ``{"ppt": "threshold=0.7"}``.
@@ -181,6 +216,16 @@ def tune(
         raise ValueError(f"step must be >= 1, got {step}")
     if budget_min <= 0:
         raise ValueError(f"budget_min must be > 0, got {budget_min}")
+    search = tuple(search)
+    unknown = [s for s in search if s not in SEARCH_SPACES]
+    if unknown or not search:
+        raise ValueError(f"search takes a non-empty subset of {', '.join(SEARCH_SPACES)}; got {list(search)}")
+    # Pruning ranks tokens by the class token's attention: only where there is one.
+    # Pruning ranks tokens by the class token's attention and, unfused, leaves patches without a
+    # token: only where there is a class token and the head reads it alone.
+    from .timm_vit import _pools_patches
+
+    prune_ok = "prune" in search and getattr(model, "cls_token", None) is not None and not _pools_patches(model)
     from .methods import get_method
 
     for m in methods:
@@ -190,7 +235,7 @@ def tune(
     start = time.perf_counter()
     deadline = start + 60.0 * budget_min
     depth = len(model.blocks)
-    run = {"target": speedup, "max_drop": max_drop, "methods": list(methods), "step": step,
+    run = {"target": speedup, "max_drop": max_drop, "methods": list(methods), "step": step, "search": list(search),
            "batch_size": batch_size, "img_size": img_size, "precision": precision, "images": len(data),
            **(run_info or {})}
     journal = _Journal(os.path.join(out_dir, "candidates.jsonl") if out_dir else None, run, fresh)
@@ -207,11 +252,11 @@ def tune(
     candidates: List[Candidate] = []
     macs_by_plan: Dict[Tuple[Any, ...], float] = {}
 
-    def gmacs_of(candidate_model: nn.Module, method: str) -> float:
+    def gmacs_of(candidate_model: nn.Module, method: str, mlp: float) -> float:
         # Compute follows from the token counts (and the method's own matching work): count once.
         from .timm_vit import token_plan
 
-        key = (method, token_plan(candidate_model, img_size).tokens)
+        key = (method, token_plan(candidate_model, img_size).tokens, mlp)
         if key not in macs_by_plan:
             macs_by_plan[key] = count_macs(candidate_model, img_size=img_size).gmacs
         return macs_by_plan[key]
@@ -221,7 +266,7 @@ def tune(
             row = journal.evals[text]
         else:
             candidate_model = apply_setting(copy.deepcopy(model), parse_setting(text))
-            gmacs = gmacs_of(candidate_model, method)
+            gmacs = gmacs_of(candidate_model, method, float(parse_setting(text).get("mlp_pruned", 0.0)))
             res = evaluate(candidate_model, data, reference_logits=ref_logits, **eval_kw)
             row = {"method": method, "gmacs": gmacs, "mac_ratio": base_gmacs / gmacs, "kl": res.kl,
                    "agreement": res.agreement, "top1": res.top1 if use_labels else None,
@@ -254,61 +299,75 @@ def tune(
     def out_of_time() -> bool:
         return time.perf_counter() > deadline
 
-    def greedy(method: str, extra: str, r: List[int], mac_goal: Optional[float], current: Optional[Candidate]):
-        """Extend ``r`` greedily until ``mac_goal`` (or the drop budget) is reached."""
+    def moves(state: _State) -> List[_State]:
+        """Every one-step extension of ``state`` within the search space."""
+        out = []
+        if "merge" in search:
+            for i in range(depth):
+                out.append(_State(state.r[:i] + (state.r[i] + step,) + state.r[i + 1:], state.keep, state.mlp))
+        if prune_ok:
+            for i in range(depth):
+                if state.keep[i] + 1 < len(KEEP_LEVELS):
+                    keep = state.keep[:i] + (state.keep[i] + 1,) + state.keep[i + 1:]
+                    out.append(_State(state.r, keep, state.mlp))
+        if "mlp" in search and state.mlp + MLP_STEP <= MLP_MAX + 1e-9:
+            out.append(_State(state.r, state.keep, round(state.mlp + MLP_STEP, 4)))
+        return out
+
+    def greedy(method: str, extra: str, state: _State, mac_goal: Optional[float], current: Optional[Candidate]):
+        """Extend ``state`` greedily until ``mac_goal`` (or the drop budget) is reached."""
         while not out_of_time():
             if mac_goal is not None and current is not None and current.mac_ratio >= mac_goal:
-                return r, current
-            best, best_r, best_score = None, None, None
+                return state, current
+            best, best_state, best_score = None, None, None
             base_cost = current.kl if current is not None else 0.0
             base_macs = current.gmacs if current is not None else base_gmacs
-            for i in range(depth):
-                trial = list(r)
-                trial[i] += step
-                text = _schedule_text(trial, method, extra)
-                cand = assess(text, method, "greedy")
+            for trial in moves(state):
+                cand = assess(trial.text(method, extra), method, "greedy")
                 saved = base_macs - cand.gmacs
                 if saved <= 1e-9:
-                    continue  # this block has nothing left to merge
+                    continue  # nothing left to remove there
                 score = (cand.kl - base_cost) / saved
                 if best_score is None or score < best_score:
-                    best, best_r, best_score = cand, trial, score
+                    best, best_state, best_score = cand, trial, score
             if best is None:
-                return r, current  # nothing more can be removed
+                return state, current  # nothing more can be removed
             if max_drop is not None and best.drop > max_drop:
-                return r, current
-            r, current = best_r, best
+                return state, current
+            state, current = best_state, best
             say(f"{method}: {best.setting}  MAC x{best.mac_ratio:.2f}  KL {best.kl:.4f}  agree {best.agreement:.2f}%")
-        return r, current
+        return state, current
 
-    def refine(method: str, extra: str, r: List[int], current: Candidate) -> Tuple[List[int], Candidate]:
+    def refine(method: str, extra: str, state: _State, current: Candidate) -> Tuple[_State, Candidate]:
+        """Move ``step`` merges between blocks at equal compute while the KL improves."""
         improved = True
-        while improved and not out_of_time():
+        while improved and not out_of_time() and "merge" in search:
             improved = False
             for i in range(depth):
                 for j in range(depth):
-                    if i == j or r[i] < step or out_of_time():
+                    if i == j or state.r[i] < step or out_of_time():
                         continue
-                    trial = list(r)
-                    trial[i] -= step
-                    trial[j] += step
-                    cand = assess(_schedule_text(trial, method, extra), method, "refine")
+                    r = list(state.r)
+                    r[i] -= step
+                    r[j] += step
+                    trial = _State(tuple(r), state.keep, state.mlp)
+                    cand = assess(trial.text(method, extra), method, "refine")
                     if cand.gmacs <= current.gmacs * 1.002 and cand.kl < current.kl - 1e-6:
-                        r, current, improved = trial, cand, True
+                        state, current, improved = trial, cand, True
                         say(f"{method}: refined to {cand.setting}  KL {cand.kl:.4f}")
-        return r, current
+        return state, current
 
     finals: List[Candidate] = []
     for method in methods:
         extra = method_options.get(method, "")
-        r, current = [0] * depth, None
+        state, current = _State((0,) * depth, (0,) * depth), None
         if speedup is not None:
             goal = speedup  # MAC ratio needed, corrected by measured efficiency
             for _ in range(6):
-                r, current = greedy(method, extra, r, goal, current)
+                state, current = greedy(method, extra, state, goal, current)
                 if current is None or out_of_time():
                     break
-                r, current = refine(method, extra, r, current)
+                state, current = refine(method, extra, state, current)
                 measured = measure(current)
                 if measured >= speedup:
                     break
@@ -316,7 +375,7 @@ def tune(
                 goal = max(goal, speedup / max(efficiency, 0.3)) * 1.02
                 say(f"{method}: {measured:.2f}x measured < {speedup}; aiming for MAC ratio {goal:.2f}")
         else:
-            r, current = greedy(method, extra, r, None, current)
+            state, current = greedy(method, extra, state, None, current)
             if current is not None:
                 measure(current)
         if current is not None:
@@ -357,7 +416,44 @@ def _write(result: TuneResult, out_dir: str) -> Dict[str, str]:
         json.dump({"setting": result.setting, "best": asdict(result.best), "target": result.target,
                    "max_drop": result.max_drop, "seconds": round(result.seconds, 1),
                    "candidates": len(seen)}, f, indent=2)
+    png = os.path.join(out_dir, "candidates.png")
+    if candidates_png(list(seen.values()), result.best, png):
+        paths["png"] = png
     return paths
 
 
-__all__ = ["Candidate", "TuneResult", "tune"]
+def candidates_png(candidates: Sequence[Candidate], best: Candidate, path: str) -> bool:
+    """Every candidate's KL against its MAC ratio (log scale), timed ones with their measured
+    speed-up, the choice marked. Returns ``False`` (writing nothing) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    methods = sorted({c.method for c in candidates})
+    for i, method in enumerate(methods):
+        own = [c for c in candidates if c.method == method]
+        ax.scatter([c.mac_ratio for c in own], [max(c.kl, 1e-6) for c in own], s=8, alpha=0.5, color=f"C{i}",
+                   label=f"{method} ({len(own)} candidates)")
+    for c in candidates:
+        if c.throughput_ratio is not None:
+            ax.scatter([c.mac_ratio], [max(c.kl, 1e-6)], s=30, facecolors="none", edgecolors="black", lw=0.8)
+            ax.annotate(f"{c.throughput_ratio:.2f}x", (c.mac_ratio, max(c.kl, 1e-6)), textcoords="offset points",
+                        xytext=(4, -8), fontsize=6.5)
+    ax.scatter([best.mac_ratio], [max(best.kl, 1e-6)], marker="*", s=160, color="#d62728", zorder=5,
+               label=f"chosen: {best.setting}")
+    ax.set_yscale("log")
+    ax.set_xlabel("MAC ratio (unpatched / candidate); circled: timed, with the measured speed-up")
+    ax.set_ylabel("KL(unpatched || candidate) on the calibration images")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+__all__ = ["KEEP_LEVELS", "SEARCH_SPACES", "Candidate", "TuneResult", "candidates_png", "tune"]

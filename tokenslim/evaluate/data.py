@@ -283,6 +283,27 @@ def resolve_transform(model: torch.nn.Module, **overrides: Any) -> Tuple[Callabl
     return create_transform(**config, is_training=False), config
 
 
+def light_augmentation(config: Dict[str, Any]) -> Callable:
+    """A light training transform for short distillation at the model's data config: a random crop
+    of 60-100% of the image area resized to the input size, and a horizontal flip.
+
+    Teacher and student see the same augmented image, so the augmentation only widens the set of
+    inputs the student is matched on (a few thousand images go further); it changes no label.
+    """
+    from torchvision import transforms
+
+    from timm.data.transforms import str_to_interp_mode
+
+    size = tuple(config["input_size"][-2:])
+    interpolation = str_to_interp_mode(config.get("interpolation", "bicubic"))
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(config["mean"], config["std"]),
+    ])
+
+
 def subset(dataset: Dataset, limit: Optional[int] = None, seed: int = 0) -> Dataset:
     """A deterministic random subset of ``limit`` items (index order kept); all items if ``limit`` is None."""
     if limit is None or limit >= len(dataset):
