@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tokenslim.evaluate import open_dataset, resolve_transform, subset  # noqa: E402
-from tokenslim.evaluate.features import feature_fidelity  # noqa: E402
+from tokenslim.evaluate.features import feature_fidelity, reference_features  # noqa: E402
 from tokenslim.loading import load_checkpoint  # noqa: E402
 from tokenslim.measure.benchmark import compare  # noqa: E402
 from tokenslim.measure.macs import count_macs  # noqa: E402
@@ -51,9 +51,11 @@ def main(argv=None) -> None:
     base_gmacs = count_macs(base).gmacs
     models = {"none": base}
     rows = []
+    print(f"unpatched features on {len(data)} images", file=sys.stderr, flush=True)
+    ref = reference_features(base, data, batch_size=args.batch_size)
     for text, setting in settings:
         model = apply_setting(copy.deepcopy(base), setting)
-        fid = feature_fidelity(model, base, data, batch_size=args.batch_size, label=text)
+        fid = feature_fidelity(model, None, data, batch_size=args.batch_size, label=text, reference_pooled=ref)
         gmacs = count_macs(model).gmacs
         rows.append({"setting": text, "images": fid.images, "cls_cos": fid.cls_cos, "cls_cos_se": fid.cls_cos_se,
                      "patch_cos": fid.patch_cos, "patch_cos_se": fid.patch_cos_se, "gmacs": gmacs,

@@ -49,3 +49,16 @@ def test_bad_batch_size_is_refused():
     model = make_model("vit")
     with pytest.raises(ValueError, match="batch_size"):
         feature_fidelity(model, model, _data(), batch_size=0)
+
+
+def test_precomputed_reference_features_give_the_same_result():
+    from tokenslim.evaluate.features import reference_features
+
+    model = make_model("vit")
+    reduced = tokenslim.patch(copy.deepcopy(model), r=4)
+    direct = feature_fidelity(reduced, model, _data(), batch_size=4, progress=False)
+    pooled = reference_features(model, _data(), batch_size=4)
+    cached = feature_fidelity(reduced, None, _data(), batch_size=4, progress=False, reference_pooled=pooled)
+    assert cached == direct
+    with pytest.raises(ValueError, match="same data and batch size"):
+        feature_fidelity(reduced, None, _data(), batch_size=2, progress=False, reference_pooled=pooled)

@@ -349,9 +349,11 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)  # the unpatched model, the teacher
     p.add_argument("--settings", required=True, help="the reduction to recover from, e.g. r=8 or mlp_pruned=0.5")
     p.add_argument("--data", required=True, help="training images: folder, .tar(.gz) or label file")
-    p.add_argument("--method", default="bias_norm", help="bias, norm, bias_norm or lora (needs tokenslim[peft])")
+    p.add_argument("--method", default="bias_norm",
+                   help="bias, norm, bias_norm, lora or lora_bias_norm (the LoRA ones need tokenslim[peft])")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha is twice the rank)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=2000, help="training images (a deterministic subset)")
     p.add_argument("--seed", type=int, default=0)
@@ -376,7 +378,7 @@ def run_recover_cmd(args: argparse.Namespace):
     setting = parse_setting(args.settings)
     if not setting:
         raise ValueError("--settings names no reduction; give the setting to recover from, e.g. r=8")
-    if args.method == "lora":
+    if args.method.startswith("lora"):
         from .recover import _require_peft
 
         _require_peft()
@@ -393,6 +395,7 @@ def run_recover_cmd(args: argparse.Namespace):
     model = apply_setting(copy.deepcopy(teacher), setting)
     result = recover(model, teacher, data, method=args.method, steps=args.steps, lr=args.lr,
                      batch_size=args.batch_size, ce_weight=args.ce_weight, num_workers=args.workers,
+                     lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
                      seed=args.seed, state_path=args.state or args.out + ".state", progress=not args.quiet)
     token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
     ckpt_kwargs = _checkpoint_identity(teacher, args)

@@ -10,7 +10,8 @@ cross-entropy is added. Only a few parameters train:
 * ``"norm"``: the LayerNorm weights and biases (blocks and final norm);
 * ``"bias_norm"``: both (the default: no extra dependency, a few minutes on a CPU);
 * ``"lora"``: LoRA on the attention and MLP Linear layers through Hugging Face ``peft``
-  (``pip install 'tokenslim[peft]'``), merged back with ``merge_and_unload()``.
+  (``pip install 'tokenslim[peft]'``), merged back with ``merge_and_unload()``;
+* ``"lora_bias_norm"``: LoRA and the ``bias_norm`` parameters together (the strongest here).
 
 All of them fold back: the recovered model has the same parameter names and shapes as before
 (plus nothing), the same architecture and therefore the same speed, and keeps its settings and
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-METHODS = ("bias", "norm", "bias_norm", "lora")
+METHODS = ("bias", "norm", "bias_norm", "lora", "lora_bias_norm")
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|fc1_g|fc1_x))"
 """Exactly the attention and MLP Linear layers of timm blocks (a plain ``["proj"]`` would also catch
 ``patch_embed.proj``)."""
@@ -124,7 +125,7 @@ def recover(
         model: the reduced model (patched and/or channel-pruned); trained in place.
         teacher: the unpatched model; its outputs must have the model's shape.
         data: training images ``(image, label)`` with the evaluation transform (or light augmentation).
-        method: ``"bias"``, ``"norm"``, ``"bias_norm"`` or ``"lora"``.
+        method: ``"bias"``, ``"norm"``, ``"bias_norm"``, ``"lora"`` or ``"lora_bias_norm"``.
         steps: optimizer steps (cycling over ``data``).
         lr: peak learning rate (cosine decay after 5% warm-up); default 1e-3 (bias/norm), 5e-4 (LoRA).
         ce_weight: weight of cross-entropy on the labels, added to the KL when the labels fit.
@@ -136,17 +137,18 @@ def recover(
 
     Raises:
         ValueError: an unknown method, teacher outputs of another shape, bad step counts.
-        ImportError: ``method="lora"`` without ``peft`` (naming the extra to install).
+        ImportError: a LoRA method without ``peft`` (naming the extra to install).
     """
     if method not in METHODS:
         raise ValueError(f"unknown recovery method {method!r}; known: {', '.join(METHODS)}")
     if steps < 1 or batch_size < 1 or save_every < 1:
         raise ValueError("steps, batch_size and save_every must be >= 1")
-    if method == "lora":
+    uses_lora = method.startswith("lora")
+    if uses_lora:
         _require_peft()
     if len(data) == 0:
         raise ValueError("the training data is empty")
-    lr = lr if lr is not None else (5e-4 if method == "lora" else 1e-3)
+    lr = lr if lr is not None else (5e-4 if uses_lora else 1e-3)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names_before = {n: tuple(p.shape) for n, p in model.state_dict().items()}
 
@@ -164,12 +166,16 @@ def recover(
     for p in model.parameters():
         p.requires_grad_(False)
     student = model
-    if method == "lora":
+    if uses_lora:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
                             bias="none")
         student = get_peft_model(model, config)
+        if method == "lora_bias_norm":
+            # The wrapped layers keep their own bias and norm Parameters: train them in place.
+            for p in trainable_parameters(model, "bias_norm").values():
+                p.requires_grad_(True)
         params = {n: p for n, p in student.named_parameters() if p.requires_grad}
     else:
         params = trainable_parameters(model, method)
@@ -255,7 +261,7 @@ def recover(
     bar.close()
     if window:
         losses.append(sum(window) / len(window))
-    if method == "lora":
+    if uses_lora:
         merged = student.merge_and_unload()
         if merged is not model:
             model.load_state_dict(merged.state_dict())

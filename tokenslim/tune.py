@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -132,6 +133,8 @@ KEEP_LEVELS = (1.0, 0.75, 0.5, 0.25, 0.01)
 to 100 patches: after the last block's attention only the class token is read, so there pruning
 everything is free)."""
 MLP_STEP, MLP_MAX = 0.125, 0.5
+FREE_KL = 1e-7
+"""A step that raises the mean KL by less than this costs nothing (float rounding)."""
 
 
 @dataclass(frozen=True)
@@ -299,35 +302,51 @@ def tune(
     def out_of_time() -> bool:
         return time.perf_counter() > deadline
 
-    def moves(state: _State) -> List[_State]:
-        """Every one-step extension of ``state`` within the search space."""
+    def moves(state: _State) -> List[Tuple[Tuple[Any, ...], _State]]:
+        """Every one-step extension of ``state`` within the search space, keyed by what it changes."""
         out = []
         if "merge" in search:
             for i in range(depth):
-                out.append(_State(state.r[:i] + (state.r[i] + step,) + state.r[i + 1:], state.keep, state.mlp))
+                out.append((("merge", i), _State(state.r[:i] + (state.r[i] + step,) + state.r[i + 1:], state.keep,
+                                                 state.mlp)))
         if prune_ok:
             for i in range(depth):
                 if state.keep[i] + 1 < len(KEEP_LEVELS):
                     keep = state.keep[:i] + (state.keep[i] + 1,) + state.keep[i + 1:]
-                    out.append(_State(state.r, keep, state.mlp))
+                    out.append((("prune", i), _State(state.r, keep, state.mlp)))
         if "mlp" in search and state.mlp + MLP_STEP <= MLP_MAX + 1e-9:
-            out.append(_State(state.r, state.keep, round(state.mlp + MLP_STEP, 4)))
+            out.append((("mlp",), _State(state.r, state.keep, round(state.mlp + MLP_STEP, 4))))
         return out
 
+    stale_scores: Dict[str, Dict[Tuple[Any, ...], Tuple[float, float]]] = {}
+
     def greedy(method: str, extra: str, state: _State, mac_goal: Optional[float], current: Optional[Candidate]):
-        """Extend ``state`` greedily until ``mac_goal`` (or the drop budget) is reached."""
+        """Extend ``state`` greedily until ``mac_goal`` (or the drop budget) is reached.
+
+        Lazy greedy: a step's cost per MAC only grows as more is removed, so each option's score
+        from an earlier step is a lower bound. Options are evaluated in the order of those bounds,
+        and the walk stops evaluating once the best fresh score beats every remaining bound.
+        """
+        stale = stale_scores.setdefault(method, {})
         while not out_of_time():
             if mac_goal is not None and current is not None and current.mac_ratio >= mac_goal:
                 return state, current
             best, best_state, best_score = None, None, None
             base_cost = current.kl if current is not None else 0.0
             base_macs = current.gmacs if current is not None else base_gmacs
-            for trial in moves(state):
+            options = sorted(moves(state), key=lambda kt: stale.get(kt[0], (-math.inf, 0.0)))
+            for key, trial in options:
+                if best_score is not None and key in stale and stale[key] >= best_score:
+                    break  # every remaining option is bounded below by a worse score
                 cand = assess(trial.text(method, extra), method, "greedy")
                 saved = base_macs - cand.gmacs
                 if saved <= 1e-9:
-                    continue  # nothing left to remove there
-                score = (cand.kl - base_cost) / saved
+                    stale[key] = (math.inf, 0.0)  # nothing left to remove there
+                    continue
+                # Free steps (KL unchanged to rounding) tie at zero cost: the larger saving wins.
+                cost = cand.kl - base_cost
+                score = (max(cost, 0.0) / saved if cost > FREE_KL else 0.0, -saved)
+                stale[key] = score
                 if best_score is None or score < best_score:
                     best, best_state, best_score = cand, trial, score
             if best is None:

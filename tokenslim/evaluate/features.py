@@ -56,36 +56,65 @@ def pooled_features(model: nn.Module, images: torch.Tensor) -> "tuple[Optional[t
 
 
 @torch.no_grad()
+def reference_features(
+    reference: nn.Module,
+    data: Dataset,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+) -> List["tuple[Optional[torch.Tensor], torch.Tensor]"]:
+    """Pooled features of ``reference`` per batch, to compare several models against it without
+    running it again (pass the same ``data`` and ``batch_size`` to :func:`feature_fidelity`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device or "cpu")
+    reference.eval().to(device)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return [pooled_features(reference, images.to(device)) for images, _ in loader]
+
+
+@torch.no_grad()
 def feature_fidelity(
     model: nn.Module,
-    reference: nn.Module,
+    reference: Optional[nn.Module],
     data: Dataset,
     batch_size: int = 32,
     num_workers: int = 0,
     device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
     label: str = "features",
+    reference_pooled: Optional[List["tuple[Optional[torch.Tensor], torch.Tensor]"]] = None,
 ) -> FeatureFidelity:
     """Cosine similarity of class-token and mean-patch features to ``reference`` on ``data``.
 
     Args:
         model: the reduced model (a timm ViT, patched or not).
-        reference: the unpatched model with the same weights.
+        reference: the unpatched model with the same weights (``None`` with ``reference_pooled``).
         data: ``(image, label)`` pairs; labels are ignored.
+        reference_pooled: :func:`reference_features` of the reference on the same data and batch size.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if (reference is None) == (reference_pooled is None):
+        raise ValueError("pass either reference or reference_pooled")
     device = torch.device(device or "cpu")
     model.eval().to(device)
-    reference.eval().to(device)
+    if reference is not None:
+        reference.eval().to(device)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if reference_pooled is not None and len(reference_pooled) != len(loader):
+        raise ValueError(f"reference_pooled holds {len(reference_pooled)} batches, the data gives {len(loader)}: "
+                         "compute it on the same data and batch size")
     cls_sims: List[torch.Tensor] = []
     patch_sims: List[torch.Tensor] = []
     bar = _progress_bar(len(data), progress, label)
-    for images, _ in loader:
+    for index, (images, _) in enumerate(loader):
         images = images.to(device)
         cls, patch = pooled_features(model, images)
-        ref_cls, ref_patch = pooled_features(reference, images)
+        if reference_pooled is not None:
+            ref_cls, ref_patch = reference_pooled[index]
+        else:
+            ref_cls, ref_patch = pooled_features(reference, images)
         patch_sims.append(F.cosine_similarity(patch.float(), ref_patch.float(), dim=-1).cpu())
         if cls is not None and ref_cls is not None:
             cls_sims.append(F.cosine_similarity(cls.float(), ref_cls.float(), dim=-1).cpu())
@@ -98,4 +127,4 @@ def feature_fidelity(
     return FeatureFidelity(sum(t.numel() for t in patch_sims), cls_mean, cls_se, patch_mean, patch_se)
 
 
-__all__ = ["FeatureFidelity", "feature_fidelity", "pooled_features"]
+__all__ = ["FeatureFidelity", "feature_fidelity", "pooled_features", "reference_features"]
