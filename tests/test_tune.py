@@ -140,3 +140,25 @@ def test_no_pruning_where_the_head_pools_patches(monkeypatch):
 def test_unknown_search_space_is_refused():
     with pytest.raises(ValueError, match="search takes"):
         tune_module.tune(make_model("vit"), _data(), search=("merge", "heads"))
+
+
+def test_an_overshoot_is_approached_again_in_smaller_steps(monkeypatch):
+    # A device that is slow for light settings and efficient for heavy ones: the first timing falls
+    # short, the corrected MAC goal then overshoots; the search goes back and approaches in half steps.
+    def fake_compare(models, baseline, **kw):
+        base = count_macs(models[baseline]).gmacs
+        out = {}
+        for name, m in models.items():
+            mac = base / count_macs(m).gmacs
+            ratio = 1.0 if name == baseline else mac * (0.7 if mac < 1.3 else 1.0)
+            out[name] = RatioEstimate(ratio, ratio * 0.98, ratio * 1.02, 0.95, 15)
+        return Comparison(baseline, out, {}, {}, {}, None)
+
+    monkeypatch.setattr(tune_module, "compare", fake_compare)
+    model = make_model("vit", depth=6)
+    msgs = []
+    result = tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=8, search=("merge",),
+                              margin=0.0, progress=msgs.append)
+    assert any("overshoots" in m and "steps of 4" in m for m in msgs), msgs
+    overshoot = max(c.throughput_ratio or 0 for c in result.candidates)
+    assert 1.2 <= result.best.throughput_ratio < overshoot

@@ -296,6 +296,8 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="what the search may change: a comma list of merge (per-block merges), prune (per-block "
                         "pruning levels, class-token models) and mlp (MLP channel share)")
     p.add_argument("--budget-min", type=float, default=20.0, help="wall-time budget in minutes")
+    p.add_argument("--margin", type=float, default=0.03,
+                   help="aim this share above --speedup, so an independent re-measurement still reaches it")
     p.add_argument("--batch-size", type=int, default=64, help="batch size the speed-up is measured at")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (>= 15)")
@@ -327,7 +329,7 @@ def run_tune_cmd(args: argparse.Namespace):
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
     result = tune(
         model, data, speedup=speedup, max_drop=args.max_drop, methods=args.methods, step=args.step,
-        search=[s.strip() for s in args.search.split(",") if s.strip()],
+        search=[s.strip() for s in args.search.split(",") if s.strip()], margin=args.margin,
         batch_size=args.batch_size, img_size=args.img_size, device=args.device, precision=args.precision,
         rounds=args.rounds, budget_min=args.budget_min, num_workers=args.workers, method_options=options,
         out_dir=args.out, fresh=args.fresh, progress=None if args.quiet else _progress,
