@@ -180,3 +180,25 @@ def test_light_augmentation_crops_and_flips_at_the_input_size():
     a, b = transform(img), transform(img)
     assert a.shape == b.shape == (3, 32, 32)
     assert not torch.equal(a, b)  # a different crop or flip each time
+
+
+def test_lora_bias_norm_trains_adapters_and_biases_then_folds_back():
+    pytest.importorskip("peft")
+    teacher = _teacher()
+    model = tokenslim.patch(copy.deepcopy(teacher), r=10)
+    x = _data()[:][0]
+    before_state = {n: p.clone() for n, p in model.state_dict().items()}
+    before = _kl(model, teacher, x)
+    result = recover(model, teacher, _data(), method="lora_bias_norm", steps=30, lr=1e-4, batch_size=16,
+                     progress=False)
+    after_state = model.state_dict()
+    assert set(after_state) == set(before_state)  # nothing added: adapters merged, names unchanged
+    assert _kl(model, teacher, x) < before
+    # LoRA moved the adapted weights, bias/norm tuning the biases and norms; the rest is untouched.
+    assert not torch.equal(after_state["blocks.0.attn.qkv.weight"], before_state["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(after_state["blocks.0.mlp.fc1.bias"], before_state["blocks.0.mlp.fc1.bias"])
+    assert not torch.equal(after_state["blocks.0.norm1.weight"], before_state["blocks.0.norm1.weight"])
+    assert torch.equal(after_state["patch_embed.proj.weight"], before_state["patch_embed.proj.weight"])
+    bias_norm = sum(p.numel() for p in trainable_parameters(model, "bias_norm").values())
+    assert result.trainable > bias_norm  # the adapters and the biases and norms trained together
+    assert not any("lora" in n for n in after_state)

@@ -48,11 +48,12 @@ def merge_tokens(
         # Dropped tokens go to one extra slot that is cut off afterwards.
         dest = torch.where(dest < 0, num_out, dest)
         slots = num_out + 1
-    if sizes is None:
-        sizes = x.new_ones(batch, n, 1, dtype=torch.float32)
     xf = x.float()
     # Features and sizes travel in one scatter: one pass over memory instead of two.
-    weighted = torch.cat([xf * sizes, sizes], dim=-1)
+    if sizes is None:
+        weighted = torch.cat([xf, xf.new_ones(batch, n, 1)], dim=-1)  # all sizes 1: nothing to weight
+    else:
+        weighted = torch.cat([xf * sizes, sizes], dim=-1)
     summed = weighted.new_zeros(batch, slots, c + 1).scatter_add(
         1, dest.unsqueeze(-1).expand(batch, n, c + 1), weighted
     )[:, :num_out]
