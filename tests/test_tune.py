@@ -162,3 +162,15 @@ def test_an_overshoot_is_approached_again_in_smaller_steps(monkeypatch):
     assert any("overshoots" in m and "steps of 4" in m for m in msgs), msgs
     overshoot = max(c.throughput_ratio or 0 for c in result.candidates)
     assert 1.2 <= result.best.throughput_ratio < overshoot
+
+
+def test_plain_schedules_challenge_the_search(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    model = make_model("vit", depth=6)
+    result = tune_module.tune(model, _data(), speedup=1.3, methods=["tome"], step=4, search=("merge", "prune"))
+    challengers = [c for c in result.candidates if c.phase == "challenge"]
+    assert challengers
+    # no plain schedule at the same or lower compute has a lower KL than the point chosen
+    chosen = result.best
+    same_compute = [c for c in challengers if c.gmacs <= chosen.gmacs * 1.002]
+    assert same_compute and all(c.kl >= chosen.kl - 1e-12 for c in same_compute)

@@ -20,7 +20,8 @@ Search, per method in ``methods``:
    than 6% sends the walk back to the last point short of it, to approach again with half the
    merge step.
 3. Refine: move ``step`` tokens from one block to another while the MACs stay the same; keep moves
-   that improve fidelity.
+   that improve fidelity. Then challenge: the plain schedules (constant ``r``, ToMe's ramp
+   ``(r, -1)``) at the same compute, with the pruning found, replace the point if their KL is lower.
 
 The method with the best fidelity at the target wins; it is re-measured once more. With
 ``max_drop`` instead of ``speedup`` the greedy walk goes on while the drop (top-1 points when
@@ -388,6 +389,34 @@ def tune(
                         say(f"{method}: refined to {cand.setting}  KL {cand.kl:.4f}")
         return state, current
 
+    def challenge(method: str, extra: str, state: _State, current: Candidate) -> Tuple[_State, Candidate]:
+        """Pit the search's point against the plain schedules users try first: constant ``r`` and
+        ToMe's decreasing ramp ``(r, -1)``, each with the pruning and channels found so far. The
+        smallest ``r`` of each family that removes at least as much compute is evaluated; the
+        lowest KL wins. A greedy walk can get stuck where a plain schedule is better."""
+        if "merge" not in search:
+            return state, current
+        from .schedule import parse_r
+
+        best_state, best = state, current
+        for family in ("constant", "ramp"):
+            previous = math.inf
+            for k in range(1, 65):
+                if out_of_time():
+                    return best_state, best
+                r = parse_r(k if family == "constant" else (k, -1), depth)
+                trial = _State(tuple(r), state.keep, state.mlp)
+                cand = assess(trial.text(method, extra), method, "challenge")
+                if cand.gmacs <= current.gmacs * 1.002:
+                    if cand.kl < best.kl:
+                        best_state, best = trial, cand
+                        say(f"{method}: plain schedule {cand.setting} beats the search: KL {cand.kl:.4f}")
+                    break
+                if cand.gmacs >= previous * (1 - 1e-9):
+                    break  # this family removes no more: every block is at its limit
+                previous = cand.gmacs
+        return best_state, best
+
     finals: List[Candidate] = []
     for method in methods:
         extra = method_options.get(method, "")
@@ -402,6 +431,7 @@ def tune(
                 if current is None or out_of_time():
                     break
                 state, current = refine(method, extra, state, current)
+                state, current = challenge(method, extra, state, current)
                 measured = measure(current)
                 efficiency = measured / current.mac_ratio
                 if measured >= aim:
