@@ -134,8 +134,9 @@ def suite_compile(args, out):
     x = torch.randn(64, 3, 32, 32)
     for text in ("none", "r=4"):
         eager = base if text == "none" else apply_setting(copy.deepcopy(base), parse_setting(text))
-        print(f"compile: {text}: graph breaks {graph_breaks(eager, x)}", flush=True)
-        out.append({"suite": "compile", "setting": text, "graph_breaks": graph_breaks(eager, x)})
+        breaks = graph_breaks(eager, x)
+        print(f"compile: {text}: graph breaks {breaks}", flush=True)
+        out.append({"suite": "compile", "setting": text, "graph_breaks": breaks})
     patched = apply_setting(copy.deepcopy(base), parse_setting("r=4"))
     start = time.perf_counter()
     models = {"none": base, "r=4": patched}

@@ -363,8 +363,7 @@ def _reads_prefix_only(model: nn.Module) -> bool:
     """Whether ``forward_head`` reads nothing but the prefix tokens (class / distillation tokens)."""
     if isinstance(model, VisionTransformerDistilled):
         return True
-    return getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token" \
-        and model.num_prefix_tokens > 0
+    return not _pools_patches(model) and model.global_pool == "token" and model.num_prefix_tokens > 0
 
 
 def _refuse_drops_with_patch_pooling(model: nn.Module) -> None:

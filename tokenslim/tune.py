@@ -318,7 +318,7 @@ def tune(
         out = []
         if "merge" in search:
             for i in range(depth):
-                out.append((("merge", i), _State(state.r[:i] + (state.r[i] + sizes["step"],) + state.r[i + 1:],
+                out.append((("merge", i), _State(state.r[:i] + (state.r[i] + merge_step,) + state.r[i + 1:],
                                                  state.keep, state.mlp)))
         if prune_ok:
             for i in range(depth):
@@ -330,7 +330,6 @@ def tune(
         return out
 
     stale_scores: Dict[str, Dict[Tuple[Any, ...], Tuple[float, float]]] = {}
-    sizes = {"step": step}  # the merge step; halved for a finer final approach after an overshoot
 
     def greedy(method: str, extra: str, state: _State, mac_goal: Optional[float], current: Optional[Candidate]):
         """Extend ``state`` greedily until ``mac_goal`` (or the drop budget) is reached.
@@ -376,7 +375,7 @@ def tune(
             improved = False
             for i in range(depth):
                 for j in range(depth):
-                    s = sizes["step"]
+                    s = merge_step
                     if i == j or state.r[i] < s or out_of_time():
                         continue
                     r = list(state.r)
@@ -417,6 +416,7 @@ def tune(
                 previous = cand.gmacs
         return best_state, best
 
+    merge_step = step  # read by moves() and refine(); the speed-up loop below halves it after an overshoot
     finals: List[Candidate] = []
     for method in methods:
         extra = method_options.get(method, "")
@@ -425,7 +425,7 @@ def tune(
             goal = speedup  # MAC ratio needed, corrected by measured efficiency
             below: Optional[Tuple[_State, Candidate]] = None  # the last point measured short of the aim
             reached: Optional[Candidate] = None
-            sizes["step"] = step
+            merge_step = step
             for _ in range(8):
                 state, current = greedy(method, extra, state, goal, current)
                 if current is None or out_of_time():
@@ -436,16 +436,16 @@ def tune(
                 efficiency = measured / current.mac_ratio
                 if measured >= aim:
                     reached = current
-                    if measured <= aim * 1.06 or below is None or sizes["step"] == 1:
+                    if measured <= aim * 1.06 or below is None or merge_step == 1:
                         break
                     # Overshot by a whole coarse step: go back to the last point short of the aim
                     # and approach again in smaller steps (less reduction, less accuracy lost).
-                    sizes["step"] = max(1, sizes["step"] // 2)
+                    merge_step = max(1, merge_step // 2)
                     state, current = below
                     stale_scores[method] = {}  # bounds from beyond this point no longer hold
                     goal = aim / max(efficiency, 0.3) * 1.01
                     say(f"{method}: {measured:.2f}x overshoots {aim:.2f}; back to {current.setting} with steps of "
-                        f"{sizes['step']}, aiming for MAC ratio {goal:.2f}")
+                        f"{merge_step}, aiming for MAC ratio {goal:.2f}")
                     continue
                 if reached is not None:
                     break  # the finer approach fell short: keep the point that reached the aim

@@ -290,18 +290,11 @@ def light_augmentation(config: Dict[str, Any]) -> Callable:
     Teacher and student see the same augmented image, so the augmentation only widens the set of
     inputs the student is matched on (a few thousand images go further); it changes no label.
     """
-    from torchvision import transforms
+    from timm.data import create_transform
 
-    from timm.data.transforms import str_to_interp_mode
-
-    size = tuple(config["input_size"][-2:])
-    interpolation = str_to_interp_mode(config.get("interpolation", "bicubic"))
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.6, 1.0), interpolation=interpolation),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(config["mean"], config["std"]),
-    ])
+    return create_transform(config["input_size"], is_training=True, scale=(0.6, 1.0), hflip=0.5, color_jitter=0.0,
+                            interpolation=config.get("interpolation", "bicubic"), mean=config["mean"],
+                            std=config["std"])
 
 
 def subset(dataset: Dataset, limit: Optional[int] = None, seed: int = 0) -> Dataset:

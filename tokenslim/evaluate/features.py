@@ -93,28 +93,21 @@ def feature_fidelity(
         data: ``(image, label)`` pairs; labels are ignored.
         reference_pooled: :func:`reference_features` of the reference on the same data and batch size.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if (reference is None) == (reference_pooled is None):
         raise ValueError("pass either reference or reference_pooled")
+    if reference_pooled is None:
+        reference_pooled = reference_features(reference, data, batch_size, num_workers, device)
     device = torch.device(device or "cpu")
     model.eval().to(device)
-    if reference is not None:
-        reference.eval().to(device)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if reference_pooled is not None and len(reference_pooled) != len(loader):
+    if len(reference_pooled) != len(loader):
         raise ValueError(f"reference_pooled holds {len(reference_pooled)} batches, the data gives {len(loader)}: "
                          "compute it on the same data and batch size")
     cls_sims: List[torch.Tensor] = []
     patch_sims: List[torch.Tensor] = []
     bar = _progress_bar(len(data), progress, label)
-    for index, (images, _) in enumerate(loader):
-        images = images.to(device)
-        cls, patch = pooled_features(model, images)
-        if reference_pooled is not None:
-            ref_cls, ref_patch = reference_pooled[index]
-        else:
-            ref_cls, ref_patch = pooled_features(reference, images)
+    for (images, _), (ref_cls, ref_patch) in zip(loader, reference_pooled):
+        cls, patch = pooled_features(model, images.to(device))
         patch_sims.append(F.cosine_similarity(patch.float(), ref_patch.float(), dim=-1).cpu())
         if cls is not None and ref_cls is not None:
             cls_sims.append(F.cosine_similarity(cls.float(), ref_cls.float(), dim=-1).cpu())
