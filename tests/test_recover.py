@@ -61,11 +61,12 @@ def test_recovery_of_materialised_channels(tmp_path):
     assert model.blocks[0].mlp.fc1.out_features == 96
 
 
-def test_resume_continues_from_the_saved_step(tmp_path):
+@pytest.mark.parametrize("mixup", [0.0, 1.0])
+def test_resume_continues_from_the_saved_step(tmp_path, mixup):
     teacher = make_model("vit")
     state = tmp_path / "rec.state"
     whole = tokenslim.patch(copy.deepcopy(teacher), r=8)
-    recover(whole, teacher, _data(), steps=12, batch_size=16, save_every=4, progress=False)
+    recover(whole, teacher, _data(), steps=12, batch_size=16, save_every=4, mixup=mixup, progress=False)
     # Interrupt after step 8 (the log call of the loss raises), then resume with the same arguments.
     part = tokenslim.patch(copy.deepcopy(teacher), r=8)
     import tokenslim.recover as rec
@@ -84,16 +85,81 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     try:
         with pytest.raises(KeyboardInterrupt):
             recover(part, teacher, _data(), steps=12, batch_size=16, save_every=real_save_every,
-                    state_path=str(state), progress=False)
+                    state_path=str(state), mixup=mixup, progress=False)
     finally:
         rec.F.kl_div = real_kl
     logs = []
     resumed = tokenslim.patch(copy.deepcopy(teacher), r=8)
     result = recover(resumed, teacher, _data(), steps=12, batch_size=16, save_every=4, state_path=str(state),
-                     progress=False, log=logs.append)
+                     mixup=mixup, progress=False, log=logs.append)
     assert any("at step 8/12" in m for m in logs) and result.steps == 12
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_mixup_blends_each_batch_with_itself_reversed_for_teacher_and_student():
+    teacher = make_model("vit")
+    model = tokenslim.patch(copy.deepcopy(teacher), r=4)
+    seen = {"teacher": [], "student": []}
+    teacher.register_forward_hook(lambda m, inp, out: seen["teacher"].append(inp[0].clone()))
+    model.register_forward_hook(lambda m, inp, out: seen["student"].append(inp[0].clone()))
+    data = _data(16)
+    recover(model, teacher, data, steps=3, batch_size=16, mixup=0.4, seed=5, progress=False)
+    order_g = torch.Generator().manual_seed(5)
+    order = torch.randperm(16, generator=order_g).tolist()
+    x = data[:][0][order]
+    from tokenslim.recover import _beta
+
+    lams = []
+    for step in range(3):
+        lam = _beta(0.4, torch.Generator().manual_seed(5 * 1_000_003 + step))
+        lams.append(lam)
+        if step == 0:  # the first epoch's batch is the whole (shuffled) data set
+            torch.testing.assert_close(seen["teacher"][1 + step], lam * x + (1 - lam) * x.flip(0))
+        torch.testing.assert_close(seen["teacher"][1 + step], seen["student"][1 + step])
+    assert all(0.0 < lam < 1.0 for lam in lams) and len(set(lams)) == 3
+
+
+def test_beta_draws_have_the_right_mean_and_spread():
+    from tokenslim.recover import _beta
+
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([_beta(0.5, g) for _ in range(4000)])
+    # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)) = 1/8 for a = 1/2.
+    assert abs(draws.mean().item() - 0.5) < 0.02
+    assert abs(draws.var().item() - 0.125) < 0.01
+    with pytest.raises(ValueError, match="mixup"):
+        recover(make_model("vit"), make_model("vit"), _data(), mixup=-1.0)
+
+
+def _class_token_gap(model, teacher, x):
+    """Relative squared error of the class token entering the final norm (a plain recomputation)."""
+    def final(m):
+        seen = []
+        h = m.norm.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 0]))
+        with torch.no_grad():
+            m(x)
+        h.remove()
+        return seen[0]
+
+    t, s = final(teacher), final(model)
+    return float(((s - t) ** 2).sum(-1).mean() / (t ** 2).sum(-1).mean())
+
+
+def test_feature_matching_closes_the_class_token_gap_and_leaves_no_hooks():
+    teacher = _teacher()
+    x = _data()[:][0]
+    plain = tokenslim.patch(copy.deepcopy(teacher), r=10)
+    matched = tokenslim.patch(copy.deepcopy(teacher), r=10)
+    recover(plain, teacher, _data(), method="bias_norm", steps=30, lr=1e-3, batch_size=16, progress=False)
+    result = recover(matched, teacher, _data(), method="bias_norm", steps=30, lr=1e-3, batch_size=16,
+                     feature_weight=5.0, save_every=5, progress=False)
+    assert result.losses[-1] < result.losses[0]
+    assert _class_token_gap(matched, teacher, x) < _class_token_gap(plain, teacher, x)
+    for m in (matched, teacher):
+        assert all(not mod._forward_hooks for mod in m.modules()), "hooks left behind"
+    with pytest.raises(ValueError, match="class token"):
+        recover(make_model("avg_no_class"), make_model("avg_no_class"), _data(), feature_weight=1.0)
 
 
 def test_clear_errors():

@@ -174,3 +174,33 @@ def test_plain_schedules_challenge_the_search(monkeypatch):
     chosen = result.best
     same_compute = [c for c in challengers if c.gmacs <= chosen.gmacs * 1.002]
     assert same_compute and all(c.kl >= chosen.kl - 1e-12 for c in same_compute)
+
+
+def test_plain_schedules_contest_the_point_at_measured_speed(monkeypatch):
+    # A device on which uneven schedules run at 60% of their MAC ratio and plain ones at 100%: at
+    # equal MACs the search's point may win on KL, at equal measured speed a plain schedule must.
+    from tokenslim.schedule import parse_r
+
+    def is_plain(r):
+        return any(list(r) in (list(parse_r(k, 6)), list(parse_r((k, -1), 6))) for k in range(0, 40))
+
+    def fake_compare(models, baseline, **kw):
+        base = count_macs(models[baseline]).gmacs
+        out = {}
+        for name, m in models.items():
+            mac = base / count_macs(m).gmacs
+            plain = name == baseline or is_plain(m.tokenslim.r)
+            ratio = 1.0 if name == baseline else mac * (1.0 if plain else 0.6)
+            out[name] = RatioEstimate(ratio, ratio * 0.98, ratio * 1.02, 0.95, 15)
+        return Comparison(baseline, out, {}, {}, {}, None)
+
+    monkeypatch.setattr(tune_module, "compare", fake_compare)
+    model = make_model("vit", depth=6)
+    result = tune_module.tune(model, _data(), speedup=1.3, methods=["tome"], step=4, search=("merge",))
+    contest = [c for c in result.candidates if c.phase == "contest" and c.throughput_ratio is not None]
+    assert contest, "no plain schedule was timed"
+    assert is_plain(parse_setting(result.setting)["r"]), result.setting
+    assert result.best.throughput_ratio >= 1.3
+    # the winner has the lowest KL among the timed points that reach the aim
+    reached = [c for c in result.candidates if (c.throughput_ratio or 0) >= 1.3 * 1.03]
+    assert result.best.kl <= min(c.kl for c in reached) + 1e-12

@@ -300,7 +300,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="aim this share above --speedup, so an independent re-measurement still reaches it")
     p.add_argument("--batch-size", type=int, default=64, help="batch size the speed-up is measured at")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (>= 15)")
+    p.add_argument("--rounds", type=int, default=25, help="interleaved timing rounds per measurement (>= 15; more rounds, fewer misjudged overshoots)")
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="float32")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
@@ -362,6 +362,12 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ce-weight", type=float, default=0.0, help="add cross-entropy on the labels with this weight")
     p.add_argument("--augment", action="store_true",
                    help="light augmentation (random 60-100%% crop, flip) instead of the evaluation transform")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="blend each batch with itself reversed, weight ~ Beta(ALPHA, ALPHA); teacher and student "
+                        "see the same blend (e.g. 1.0; 0: off)")
+    p.add_argument("--feature-weight", type=float, default=0.0,
+                   help="also match the class token entering every block (relative squared error) with this "
+                        "weight; class-token models (e.g. 1.0; 0: off)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", required=True, help="the recovered tokenslim checkpoint (carries settings and channels)")
     p.add_argument("--state", default=None, help="resume file (default: OUT.state)")
@@ -397,15 +403,17 @@ def run_recover_cmd(args: argparse.Namespace):
     model = apply_setting(copy.deepcopy(teacher), setting)
     result = recover(model, teacher, data, method=args.method, steps=args.steps, lr=args.lr,
                      batch_size=args.batch_size, ce_weight=args.ce_weight, num_workers=args.workers,
-                     lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                     seed=args.seed, state_path=args.state or args.out + ".state", progress=not args.quiet)
+                     lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, mixup=args.mixup,
+                     feature_weight=args.feature_weight, seed=args.seed,
+                     state_path=args.state or args.out + ".state", progress=not args.quiet)
     token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
     ckpt_kwargs = _checkpoint_identity(teacher, args)
     save_checkpoint(model, args.out, ckpt_kwargs["name"], ckpt_kwargs["kwargs"],
                     {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
                      if k in config},
                     extra={"recovered_from": format_setting(setting), "method": args.method, "steps": result.steps,
-                           "augment": bool(args.augment),
+                           "augment": bool(args.augment), "mixup": args.mixup, "ce_weight": args.ce_weight,
+                           "feature_weight": args.feature_weight,
                            "images": result.images, "minutes": round(result.seconds / 60, 2)},
                     settings=format_setting(token_setting) if token_setting else None)
     print(f"recovered {format_setting(setting)} with {args.method}: {result.steps} steps on {result.images} images, "

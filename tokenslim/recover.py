@@ -112,6 +112,8 @@ def recover(
     ce_weight: float = 0.0,
     lora_rank: int = 8,
     lora_alpha: int = 16,
+    mixup: float = 0.0,
+    feature_weight: float = 0.0,
     num_workers: int = 0,
     seed: int = 0,
     state_path: Optional[str] = None,
@@ -129,6 +131,15 @@ def recover(
         steps: optimizer steps (cycling over ``data``).
         lr: peak learning rate (cosine decay after 5% warm-up); default 1e-3 (bias/norm), 5e-4 (LoRA).
         ce_weight: weight of cross-entropy on the labels, added to the KL when the labels fit.
+        mixup: with ``mixup > 0`` every batch is blended with itself reversed, ``lam * x + (1 - lam) *
+            x.flip(0)`` with ``lam ~ Beta(mixup, mixup)``; teacher and student see the same blend
+            ("function matching": the student is matched on inputs between the images, so a few
+            thousand images go much further). Cross-entropy, if on, is blended the same way.
+        feature_weight: with ``feature_weight > 0`` (class-token models) the class token of the
+            residual stream entering every block and the final norm is matched as well: the
+            squared error relative to the teacher's norm, averaged over blocks, times this weight.
+            Ten logits per image carry little signal; the per-block class token carries the
+            width of the model, which tells each block what to correct.
         state_path: resume file, written every ``save_every`` steps and at the end.
         progress: a tqdm bar with the running loss (on a terminal).
 
@@ -143,6 +154,13 @@ def recover(
         raise ValueError(f"unknown recovery method {method!r}; known: {', '.join(METHODS)}")
     if steps < 1 or batch_size < 1 or save_every < 1:
         raise ValueError("steps, batch_size and save_every must be >= 1")
+    if not mixup >= 0:
+        raise ValueError(f"mixup is the Beta parameter of the blend and must be >= 0 (0: off), got {mixup}")
+    if not feature_weight >= 0:
+        raise ValueError(f"feature_weight must be >= 0 (0: off), got {feature_weight}")
+    if feature_weight > 0 and getattr(model, "cls_token", None) is None:
+        raise ValueError("feature_weight matches the class token between blocks and needs a model with one "
+                         f"({type(model).__name__} has no cls_token); use feature_weight=0")
     uses_lora = method.startswith("lora")
     if uses_lora:
         _require_peft()
@@ -217,6 +235,8 @@ def recover(
                     "optimizer": opt.state_dict()}, tmp)
         os.replace(tmp, state_path)
 
+    taps = _ClassTokenTaps(teacher, model) if feature_weight > 0 else None
+
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -225,40 +245,53 @@ def recover(
     student.train()
     teacher.eval()
     window: List[float] = []
-    while step < steps:
-        # The epoch's order comes from one draw, so a resume replays it exactly and skips what ran.
-        epoch_state = g.get_state()
-        order = torch.randperm(len(data), generator=g).tolist()
-        usable = len(order) - (len(order) % batch_size if len(order) > batch_size else 0)
-        batches = [order[i:i + batch_size] for i in range(0, usable, batch_size)]
-        first, resume_batch = resume_batch, 0
-        loader = DataLoader(data, batch_sampler=batches[first:], num_workers=num_workers)
-        for batch_index, (images, labels) in enumerate(loader, first + 1):
-            if step >= steps:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            with torch.no_grad():
-                t_logp = teacher(images).float().log_softmax(-1)
-            s_logits = student(images).float()
-            loss = F.kl_div(s_logits.log_softmax(-1), t_logp, log_target=True, reduction="batchmean")
-            if use_ce:
-                loss = loss + ce_weight * F.cross_entropy(s_logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            window.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)
-            if step % save_every == 0 or step == steps:
-                losses.append(sum(window) / len(window))
-                window = []
-                if batch_index < len(batches):
-                    save(epoch_state, batch_index)
-                else:
-                    save(g.get_state(), 0)  # the epoch is done: resume at the next one
-    bar.close()
+    try:
+        while step < steps:
+            # The epoch's order comes from one draw, so a resume replays it exactly and skips what ran.
+            epoch_state = g.get_state()
+            order = torch.randperm(len(data), generator=g).tolist()
+            usable = len(order) - (len(order) % batch_size if len(order) > batch_size else 0)
+            batches = [order[i:i + batch_size] for i in range(0, usable, batch_size)]
+            first, resume_batch = resume_batch, 0
+            loader = DataLoader(data, batch_sampler=batches[first:], num_workers=num_workers)
+            for batch_index, (images, labels) in enumerate(loader, first + 1):
+                if step >= steps:
+                    break
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
+                lam = None
+                if mixup > 0:
+                    # Seeded by the step, so a resumed run draws what the uninterrupted one would.
+                    lam = _beta(mixup, torch.Generator().manual_seed(seed * 1_000_003 + step))
+                    images = lam * images + (1 - lam) * images.flip(0)
+                with torch.no_grad():
+                    t_logp = teacher(images).float().log_softmax(-1)
+                s_logits = student(images).float()
+                loss = F.kl_div(s_logits.log_softmax(-1), t_logp, log_target=True, reduction="batchmean")
+                if taps is not None:
+                    loss = loss + feature_weight * taps.loss()
+                if use_ce:
+                    ce = F.cross_entropy(s_logits, labels) if lam is None else \
+                        lam * F.cross_entropy(s_logits, labels) + (1 - lam) * F.cross_entropy(s_logits, labels.flip(0))
+                    loss = loss + ce_weight * ce
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                window.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", refresh=False)
+                if step % save_every == 0 or step == steps:
+                    losses.append(sum(window) / len(window))
+                    window = []
+                    if batch_index < len(batches):
+                        save(epoch_state, batch_index)
+                    else:
+                        save(g.get_state(), 0)  # the epoch is done: resume at the next one
+    finally:
+        bar.close()
+        if taps is not None:
+            taps.remove()  # also after an interruption: the user's models keep no hooks
     if window:
         losses.append(sum(window) / len(window))
     if uses_lora:
@@ -274,6 +307,49 @@ def recover(
         raise RuntimeError(f"recovery changed the model's parameters (e.g. {extra}); please report this")
     trainable = sum(p.numel() for p in params.values())
     return RecoverResult(method, step, len(data), losses, time.perf_counter() - start, trainable)
+
+
+class _ClassTokenTaps:
+    """Forward hooks that keep the class token of the residual stream where it enters each
+    block's first norm and the final norm, for teacher and student alike (a reduced block keeps
+    the class token first, so index 0 is the same token in both)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module) -> None:
+        self.seen: Dict[str, List[torch.Tensor]] = {"teacher": [], "student": []}
+        self.handles = []
+        for role, model in (("teacher", teacher), ("student", student)):
+            norms = [block.norm1 for block in model.blocks[1:]] + [model.norm]
+            for norm in norms:
+                self.handles.append(norm.register_forward_hook(self._keep(role)))
+
+    def _keep(self, role: str):
+        def hook(module, inputs, output):
+            self.seen[role].append(inputs[0][:, 0].float())
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        t, s = self.seen["teacher"], self.seen["student"]
+        if len(t) != len(s) or not t:
+            raise RuntimeError(f"class-token taps saw {len(t)} teacher and {len(s)} student blocks")
+        total = sum(((si - ti.detach()) ** 2).sum(-1).mean() / (ti.detach() ** 2).sum(-1).mean().clamp_min(1e-12)
+                    for si, ti in zip(s, t)) / len(t)
+        self.seen = {"teacher": [], "student": []}
+        return total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _beta(alpha: float, g: torch.Generator) -> float:
+    """One draw of Beta(alpha, alpha) from ``g`` by Johnk's method (uniforms only, so the draw
+    depends on ``g`` alone; torch.distributions would draw from the global generator)."""
+    u = torch.rand(2, generator=g, dtype=torch.float64)
+    while True:
+        x, y = u[0].item() ** (1.0 / alpha), u[1].item() ** (1.0 / alpha)
+        if x + y <= 1.0 and x + y > 0.0:
+            return x / (x + y)
+        u = torch.rand(2, generator=g, dtype=torch.float64)
 
 
 def lora_target_names(model: nn.Module) -> List[str]:
