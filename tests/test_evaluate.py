@@ -93,6 +93,20 @@ def test_subset_is_deterministic():
 
 
 @shared_data
+def test_holdout_is_exactly_what_the_subset_leaves_out():
+    from torch.utils.data import TensorDataset
+
+    from tokenslim.evaluate import holdout
+
+    data = TensorDataset(torch.arange(50))
+    picked = {int(data[i][0]) for i in subset(data, 12, seed=3).indices}
+    rest = [int(x[0]) for x in holdout(data, 12, seed=3)]
+    assert len(rest) == 38 and not picked & set(rest) and picked | set(rest) == set(range(50))
+    assert rest == sorted(rest)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        holdout(data, 50)
+
+
 def test_label_file_comma_form_on_imagenet():
     samples = parse_label_file(str(IMAGENET / "dataset.txt"))
     assert len(samples) == 1300 and samples[0][1] == 472

@@ -118,6 +118,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", nargs="*", default=[], help="reduction settings evaluated against the unpatched model")
     p.add_argument("--limit", type=int, default=None, help="evaluate a deterministic random subset of this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    p.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="leave out the N images that --limit N (same --seed) picks, e.g. tune's calibration images, "
+                        "and evaluate on the rest")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     p.add_argument("--device", default=None)
@@ -174,7 +177,7 @@ def _load_model_and_settings(args: argparse.Namespace):
 def run_eval(args: argparse.Namespace) -> List[dict]:
     import copy
 
-    from .evaluate import evaluate, init_from_env, open_dataset, resolve_transform, subset
+    from .evaluate import evaluate, holdout, init_from_env, open_dataset, resolve_transform, subset
     from .spec import apply_setting, format_setting
 
     info = init_from_env()
@@ -182,12 +185,16 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     base, settings = _load_model_and_settings(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, data_config = resolve_transform(base, **overrides)
-    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    if args.holdout is not None and args.limit is not None:
+        raise ValueError("--holdout N evaluates on everything --limit N would not pick; give one of them")
+    data = open_dataset(args.data, transform)
+    data = holdout(data, args.holdout, args.seed) if args.holdout is not None else subset(data, args.limit, args.seed)
     if info.is_main:
         print(f"{args.model or args.checkpoint}: {len(data)} images from {args.data}, world size {info.world_size}, "
               f"input {data_config['input_size']}, mean {data_config['mean']}, std {data_config['std']}",
               file=sys.stderr)
     header = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
+              "holdout": args.holdout,
               "seed": args.seed, "precision": args.precision,
               "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}}
     done = _read_eval_json(args.json, header, args.fresh) if args.json else {}

@@ -10,6 +10,7 @@ from .data import (
     open_dataset,
     parse_label_file,
     resolve_transform,
+    holdout,
     subset,
 )
 from .distributed import DistInfo, init_from_env, shard_indices
@@ -29,5 +30,6 @@ __all__ = [
     "parse_label_file",
     "resolve_transform",
     "shard_indices",
+    "holdout",
     "subset",
 ]

@@ -297,12 +297,27 @@ def light_augmentation(config: Dict[str, Any]) -> Callable:
                             std=config["std"])
 
 
+def _subset_indices(n: int, limit: int, seed: int) -> List[int]:
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:limit].sort().values.tolist()
+
+
 def subset(dataset: Dataset, limit: Optional[int] = None, seed: int = 0) -> Dataset:
     """A deterministic random subset of ``limit`` items (index order kept); all items if ``limit`` is None."""
     if limit is None or limit >= len(dataset):
         return dataset
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    g = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(dataset), generator=g)[:limit].sort().values.tolist()
-    return Subset(dataset, picked)
+    return Subset(dataset, _subset_indices(len(dataset), limit, seed))
+
+
+def holdout(dataset: Dataset, limit: int, seed: int = 0) -> Dataset:
+    """The items :func:`subset` with the same ``limit`` and ``seed`` leaves out (index order kept).
+
+    Calibrate (``tokenslim tune --limit N``) on part of a labelled split and evaluate on the rest
+    (``tokenslim eval --holdout N``): the two never share an image.
+    """
+    if limit >= len(dataset):
+        raise ValueError(f"holding out {limit} of {len(dataset)} images leaves nothing to evaluate")
+    taken = set(_subset_indices(len(dataset), limit, seed))
+    return Subset(dataset, [i for i in range(len(dataset)) if i not in taken])
