@@ -41,6 +41,18 @@ def test_eval_command(tiny_checkpoint_and_data, tmp_path, capsys):
     assert "agree" in capsys.readouterr().out
 
 
+def test_eval_holdout_leaves_out_the_calibration_images(tiny_checkpoint_and_data, tmp_path, capsys):
+    ckpt, labels = tiny_checkpoint_and_data
+    out_json = tmp_path / "eval.json"
+    main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--holdout", "4", "--workers", "0",
+          "--quiet", "--json", str(out_json)])
+    result = json.loads(out_json.read_text())
+    assert result["results"][0]["images"] == 5 and result["holdout"] == 4
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--holdout", "4", "--limit", "4"])
+    assert exit_info.value.code == 2 and "--holdout" in capsys.readouterr().err
+
+
 def test_sweep_and_benchmark_commands(tiny_checkpoint_and_data, tmp_path, capsys):
     ckpt, labels = tiny_checkpoint_and_data
     main(["sweep", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "r=4", "--workers", "0",
