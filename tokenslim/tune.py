@@ -423,9 +423,9 @@ def tune(
     def contest(method: str, extra: str, state: _State, current: Candidate) -> Candidate:
         """At the measured target, the plain schedules challenge the point found: for constant ``r``
         and ToMe's ramp ``(r, -1)``, each with the pruning found and without any, the weakest member
-        that reaches the aim when timed. Equal MACs are not equal speed (schedules differ in how
-        well their smaller matrices run), so this compares what the user gets: fidelity at the
-        measured speed. The lowest KL among the points that reach the aim wins."""
+        that reaches the aim when timed. Equal MACs are not equal speed (the measured efficiency
+        differs between schedules), so this compares what the user gets: fidelity at the measured
+        speed. The lowest KL among the points that reach the aim wins."""
         if "merge" not in search or current.throughput_ratio is None:
             return current
         from .schedule import parse_r
@@ -446,7 +446,8 @@ def tune(
                 k, previous = 1, None
                 while k < 64 and not out_of_time():
                     cand = member(k)
-                    if cand.mac_ratio * efficiency >= aim * 0.97 or (previous and cand.gmacs >= previous * (1 - 1e-9)):
+                    saturated = previous is not None and cand.gmacs >= previous * (1 - 1e-9)
+                    if cand.mac_ratio * efficiency >= aim * 0.97 or saturated:
                         break
                     previous, k = cand.gmacs, k + 1
                 # ... then timed, one strength up or down until it is the weakest that reaches it.
@@ -454,7 +455,7 @@ def tune(
                 while 1 <= k < 64 and k not in tried and not out_of_time():
                     tried.add(k)
                     cand = member(k)
-                    if reached_k is None and k not in (start_k,) and cand.kl >= best.kl:
+                    if reached_k is None and k != start_k and cand.kl >= best.kl:
                         break  # going up, it cannot win: stronger members lose even more
                     if measure(cand) >= aim:
                         reached_k = k
