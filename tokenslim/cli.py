@@ -307,7 +307,8 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="aim this share above --speedup, so an independent re-measurement still reaches it")
     p.add_argument("--batch-size", type=int, default=64, help="batch size the speed-up is measured at")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=25, help="interleaved timing rounds per measurement (>= 15; more rounds, fewer misjudged overshoots)")
+    p.add_argument("--rounds", type=int, default=25,
+                   help="interleaved timing rounds per measurement (>= 15; more rounds, fewer misjudged overshoots)")
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default="float32")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")

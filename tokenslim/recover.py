@@ -137,9 +137,8 @@ def recover(
             thousand images go much further). Cross-entropy, if on, is blended the same way.
         feature_weight: with ``feature_weight > 0`` (class-token models) the class token of the
             residual stream entering every block and the final norm is matched as well: the
-            squared error relative to the teacher's norm, averaged over blocks, times this weight.
-            Ten logits per image carry little signal; the per-block class token carries the
-            width of the model, which tells each block what to correct.
+            squared error relative to the teacher's norm, averaged over blocks, times this weight:
+            more signal per image than the logits alone.
         state_path: resume file, written every ``save_every`` steps and at the end.
         progress: a tqdm bar with the running loss (on a terminal).
 

@@ -392,88 +392,85 @@ def tune(
                         say(f"{method}: refined to {cand.setting}  KL {cand.kl:.4f}")
         return state, current
 
+    def plain(method: str, extra: str, family: str, k: int, keep: Tuple[int, ...], mlp: float,
+              phase: str) -> Tuple[_State, Candidate]:
+        """Strength ``k`` of a plain schedule family: constant ``r=k`` or ToMe's ramp ``(k, -1)``."""
+        from .schedule import parse_r
+
+        trial = _State(tuple(parse_r(k if family == "constant" else (k, -1), depth)), keep, mlp)
+        return trial, assess(trial.text(method, extra), method, phase)
+
+    def weakest_plain(method: str, extra: str, family: str, keep: Tuple[int, ...], mlp: float, phase: str,
+                      enough: Callable[[Candidate], bool]) -> Optional[Tuple[int, _State, Candidate]]:
+        """The weakest member of a family that is ``enough``, walking up in strength; ``None`` when
+        time runs out or the family saturates first (every block at its limit)."""
+        previous = math.inf
+        for k in range(1, 65):
+            if out_of_time():
+                return None
+            trial, cand = plain(method, extra, family, k, keep, mlp, phase)
+            if enough(cand):
+                return k, trial, cand
+            if cand.gmacs >= previous * (1 - 1e-9):
+                return None
+            previous = cand.gmacs
+        return None
+
     def challenge(method: str, extra: str, state: _State, current: Candidate) -> Tuple[_State, Candidate]:
         """Pit the search's point against the plain schedules users try first: constant ``r`` and
         ToMe's decreasing ramp ``(r, -1)``, each with the pruning and channels found so far. The
-        smallest ``r`` of each family that removes at least as much compute is evaluated; the
+        weakest member of each family that removes at least as much compute is evaluated; the
         lowest KL wins. A greedy walk can get stuck where a plain schedule is better."""
         if "merge" not in search:
             return state, current
-        from .schedule import parse_r
-
         best_state, best = state, current
         for family in ("constant", "ramp"):
-            previous = math.inf
-            for k in range(1, 65):
-                if out_of_time():
-                    return best_state, best
-                r = parse_r(k if family == "constant" else (k, -1), depth)
-                trial = _State(tuple(r), state.keep, state.mlp)
-                cand = assess(trial.text(method, extra), method, "challenge")
-                if cand.gmacs <= current.gmacs * 1.002:
-                    if cand.kl < best.kl:
-                        best_state, best = trial, cand
-                        say(f"{method}: plain schedule {cand.setting} beats the search: KL {cand.kl:.4f}")
-                    break
-                if cand.gmacs >= previous * (1 - 1e-9):
-                    break  # this family removes no more: every block is at its limit
-                previous = cand.gmacs
+            found = weakest_plain(method, extra, family, state.keep, state.mlp, "challenge",
+                                  lambda c: c.gmacs <= current.gmacs * 1.002)
+            if found is not None and found[2].kl < best.kl:
+                _, best_state, best = found
+                say(f"{method}: plain schedule {best.setting} beats the search: KL {best.kl:.4f}")
         return best_state, best
 
     def contest(method: str, extra: str, state: _State, current: Candidate) -> Candidate:
-        """At the measured target, the plain schedules challenge the point found: for constant ``r``
-        and ToMe's ramp ``(r, -1)``, each with the pruning found and without any, the weakest member
-        that reaches the aim when timed. Equal MACs are not equal speed (the measured efficiency
-        differs between schedules), so this compares what the user gets: fidelity at the measured
-        speed. The lowest KL among the points that reach the aim wins."""
-        if "merge" not in search or current.throughput_ratio is None:
+        """At the measured target (``current`` reaches the aim when timed), the plain schedules
+        challenge the point found: for constant ``r`` and ToMe's ramp ``(r, -1)``, each with the
+        pruning found and without any, the weakest member that reaches the aim when timed. Equal
+        MACs are not equal speed (the measured efficiency differs between schedules), so this
+        compares what the user gets: fidelity at the measured speed. The lowest KL among the points
+        that reach the aim wins."""
+        if "merge" not in search:
             return current
-        from .schedule import parse_r
-
         efficiency = current.throughput_ratio / current.mac_ratio
         best, best_state = current, state
-        states: Dict[str, _State] = {}
-        keeps = [state.keep] + ([(0,) * depth] if any(state.keep) else [])
         for family in ("constant", "ramp"):
-            for keep in keeps:
-                def member(k: int) -> Candidate:
-                    r = parse_r(k if family == "constant" else (k, -1), depth)
-                    trial = _State(tuple(r), keep, state.mlp)
-                    states[trial.text(method, extra)] = trial
-                    return assess(trial.text(method, extra), method, "contest")
-
+            for keep in [state.keep] + ([(0,) * depth] if any(state.keep) else []):
                 # The weakest member predicted (by the point's efficiency) to reach the aim ...
-                k, previous = 1, None
-                while k < 64 and not out_of_time():
-                    cand = member(k)
-                    saturated = previous is not None and cand.gmacs >= previous * (1 - 1e-9)
-                    if cand.mac_ratio * efficiency >= aim * 0.97 or saturated:
-                        break
-                    previous, k = cand.gmacs, k + 1
+                found = weakest_plain(method, extra, family, keep, state.mlp, "contest",
+                                      lambda c: c.mac_ratio * efficiency >= aim * 0.97)
+                if found is None:
+                    continue
                 # ... then timed, one strength up or down until it is the weakest that reaches it.
-                reached_k, tried, start_k = None, set(), k
-                while 1 <= k < 64 and k not in tried and not out_of_time():
-                    tried.add(k)
-                    cand = member(k)
-                    if reached_k is None and k != start_k and cand.kl >= best.kl:
+                k = start = found[0]
+                reached: Optional[Tuple[_State, Candidate]] = None
+                while 1 <= k < 64 and not out_of_time():
+                    trial, cand = plain(method, extra, family, k, keep, state.mlp, "contest")
+                    if reached is None and k != start and cand.kl >= best.kl:
                         break  # going up, it cannot win: stronger members lose even more
                     if measure(cand) >= aim:
-                        reached_k = k
-                        k -= 1
-                    elif reached_k is not None:
+                        reached, k = (trial, cand), k - 1
+                    elif reached is not None:
                         break
                     else:
                         k += 1
-                if reached_k is not None:
-                    cand = member(reached_k)
-                    if cand.kl < best.kl:
-                        best, best_state = cand, states[cand.setting]
-                        say(f"{method}: plain {cand.setting} reaches {cand.throughput_ratio:.2f}x with a lower KL "
-                            f"({cand.kl:.4f}): it replaces the search's point")
+                if reached is not None and reached[1].kl < best.kl:
+                    best_state, best = reached
+                    say(f"{method}: plain {best.setting} reaches {best.throughput_ratio:.2f}x with a lower KL "
+                        f"({best.kl:.4f}): it replaces the search's point")
         if best is not current:
             # The greedy walk missed this basin: refine from the plain schedule instead, and keep
             # the refined point if it still reaches the aim when timed.
-            refined_state, refined = refine(method, extra, best_state, best)
+            _, refined = refine(method, extra, best_state, best)
             if refined is not best and measure(refined) >= aim:
                 best = refined
         return best

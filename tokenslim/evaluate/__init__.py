@@ -7,10 +7,10 @@ from .data import (
     TarImageFolder,
     check_labels,
     dataset_targets,
+    holdout,
     open_dataset,
     parse_label_file,
     resolve_transform,
-    holdout,
     subset,
 )
 from .distributed import DistInfo, init_from_env, shard_indices
@@ -25,11 +25,11 @@ __all__ = [
     "check_labels",
     "dataset_targets",
     "evaluate",
+    "holdout",
     "init_from_env",
     "open_dataset",
     "parse_label_file",
     "resolve_transform",
     "shard_indices",
-    "holdout",
     "subset",
 ]
