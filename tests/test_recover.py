@@ -30,7 +30,7 @@ def _kl(model, teacher, x):
     return float((t.exp() * (t - s)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("method", ["bias", "norm", "bias_norm"])
+@pytest.mark.parametrize("method", ["bias", "norm", "bias_norm", "full"])
 def test_distillation_lowers_the_gap_and_keeps_names_and_shapes(method):
     teacher = _teacher()
     model = tokenslim.patch(copy.deepcopy(teacher), r=10)
@@ -38,8 +38,9 @@ def test_distillation_lowers_the_gap_and_keeps_names_and_shapes(method):
     shapes = {n: p.shape for n, p in model.state_dict().items()}
     frozen = {n: p.clone() for n, p in model.state_dict().items()}
     before = _kl(model, teacher, x)
-    result = recover(model, teacher, _data(), method=method, steps=30, lr=1e-4, batch_size=16,
-                     save_every=5, progress=False)
+    # Adam moves every trained weight by about lr per step: all of them at once need a smaller one.
+    result = recover(model, teacher, _data(), method=method, steps=30, lr=1e-5 if method == "full" else 1e-4,
+                     batch_size=16, save_every=5, progress=False)
     assert _kl(model, teacher, x) < before
     assert result.losses[-1] < result.losses[0]
     assert {n: p.shape for n, p in model.state_dict().items()} == shapes
@@ -47,6 +48,8 @@ def test_distillation_lowers_the_gap_and_keeps_names_and_shapes(method):
     for n, p in model.state_dict().items():
         if n not in trained:
             assert torch.equal(p, frozen[n]), f"{n} changed but is not trained by {method}"
+    if method == "full":
+        assert not torch.equal(model.blocks[0].attn.qkv.weight, frozen["blocks.0.attn.qkv.weight"])
     assert model.tokenslim.r == 10  # still the reduced model
 
 

@@ -360,7 +360,8 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", required=True, help="the reduction to recover from, e.g. r=8 or mlp_pruned=0.5")
     p.add_argument("--data", required=True, help="training images: folder, .tar(.gz) or label file")
     p.add_argument("--method", default="bias_norm",
-                   help="bias, norm, bias_norm, lora or lora_bias_norm (the LoRA ones need tokenslim[peft])")
+                   help="bias, norm, bias_norm, lora, lora_bias_norm (the LoRA ones need tokenslim[peft]) or full "
+                        "(every parameter)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha is twice the rank)")

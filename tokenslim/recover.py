@@ -11,7 +11,9 @@ cross-entropy is added. Only a few parameters train:
 * ``"bias_norm"``: both (the default: no extra dependency, a few minutes on a CPU);
 * ``"lora"``: LoRA on the attention and MLP Linear layers through Hugging Face ``peft``
   (``pip install 'tokenslim[peft]'``), merged back with ``merge_and_unload()``;
-* ``"lora_bias_norm"``: LoRA and the ``bias_norm`` parameters together (the strongest here).
+* ``"lora_bias_norm"``: LoRA and the ``bias_norm`` parameters together;
+* ``"full"``: every parameter (plain fine-tuning: the reference the parameter-efficient methods
+  are measured against; the largest optimizer state and checkpoint, nothing to fold back).
 
 All of them fold back: the recovered model has the same parameter names and shapes as before
 (plus nothing), the same architecture and therefore the same speed, and keeps its settings and
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-METHODS = ("bias", "norm", "bias_norm", "lora", "lora_bias_norm")
+METHODS = ("bias", "norm", "bias_norm", "lora", "lora_bias_norm", "full")
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|fc1_g|fc1_x))"
 """Exactly the attention and MLP Linear layers of timm blocks (a plain ``["proj"]`` would also catch
 ``patch_embed.proj``)."""
@@ -68,9 +70,11 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def trainable_parameters(model: nn.Module, method: str) -> Dict[str, nn.Parameter]:
-    """The parameters ``method`` trains (``bias``/``norm``/``bias_norm``), by name."""
-    if method not in ("bias", "norm", "bias_norm"):
-        raise ValueError(f"trainable_parameters covers bias, norm and bias_norm, not {method!r}")
+    """The parameters ``method`` trains (``bias``/``norm``/``bias_norm``/``full``), by name."""
+    if method not in ("bias", "norm", "bias_norm", "full"):
+        raise ValueError(f"trainable_parameters covers bias, norm, bias_norm and full, not {method!r}")
+    if method == "full":
+        return dict(model.named_parameters())
     chosen: Dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         if method in ("bias", "bias_norm") and isinstance(module, nn.Linear) and module.bias is not None \
@@ -129,7 +133,8 @@ def recover(
         data: training images ``(image, label)`` with the evaluation transform (or light augmentation).
         method: ``"bias"``, ``"norm"``, ``"bias_norm"``, ``"lora"`` or ``"lora_bias_norm"``.
         steps: optimizer steps (cycling over ``data``).
-        lr: peak learning rate (cosine decay after 5% warm-up); default 1e-3 (bias/norm), 5e-4 (LoRA).
+        lr: peak learning rate (cosine decay after 5% warm-up); default 1e-3 (bias/norm), 5e-4 (LoRA),
+            1e-4 (full).
         ce_weight: weight of cross-entropy on the labels, added to the KL when the labels fit.
         mixup: with ``mixup > 0`` every batch is blended with itself reversed, ``lam * x + (1 - lam) *
             x.flip(0)`` with ``lam ~ Beta(mixup, mixup)``; teacher and student see the same blend
@@ -165,7 +170,7 @@ def recover(
         _require_peft()
     if len(data) == 0:
         raise ValueError("the training data is empty")
-    lr = lr if lr is not None else (5e-4 if uses_lora else 1e-3)
+    lr = lr if lr is not None else (5e-4 if uses_lora else 1e-4 if method == "full" else 1e-3)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names_before = {n: tuple(p.shape) for n, p in model.state_dict().items()}
 
