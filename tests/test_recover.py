@@ -172,6 +172,22 @@ def test_clear_errors():
         recover(model, teacher, _data(), method="ssf2")
     with pytest.raises(ValueError, match="same classes"):
         recover(model, make_model("vit", num_classes=7), _data(), steps=1, progress=False)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        recover(model, teacher, _data(), temperature=0.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_temperature_softens_both_outputs_and_scales_the_kl(temperature):
+    teacher = _teacher()
+    model = tokenslim.patch(copy.deepcopy(teacher), r=10)
+    x = _data()[:][0]
+    with torch.no_grad():  # the plain Hinton loss on the first batch (all 32 images), before any update
+        t = (teacher(x) / temperature).log_softmax(-1)
+        s = (model(x) / temperature).log_softmax(-1)
+        expected = temperature ** 2 * float((t.exp() * (t - s)).sum(-1).mean())
+    result = recover(model, teacher, _data(), method="bias", steps=1, lr=1e-4, batch_size=32, save_every=1,
+                     temperature=temperature, progress=False)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_lora_without_peft_names_the_extra(monkeypatch):

@@ -377,6 +377,8 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-weight", type=float, default=0.0,
                    help="also match the class token entering every block (relative squared error) with this "
                         "weight; class-token models (e.g. 1.0; 0: off)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="distillation temperature: soften both outputs by T, scale the KL by T^2 (1: plain KL)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", required=True, help="the recovered tokenslim checkpoint (carries settings and channels)")
     p.add_argument("--state", default=None, help="resume file (default: OUT.state)")
@@ -413,7 +415,7 @@ def run_recover_cmd(args: argparse.Namespace):
     result = recover(model, teacher, data, method=args.method, steps=args.steps, lr=args.lr,
                      batch_size=args.batch_size, ce_weight=args.ce_weight, num_workers=args.workers,
                      lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, mixup=args.mixup,
-                     feature_weight=args.feature_weight, seed=args.seed,
+                     feature_weight=args.feature_weight, temperature=args.temperature, seed=args.seed,
                      state_path=args.state or args.out + ".state", progress=not args.quiet)
     token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
     ckpt_kwargs = _checkpoint_identity(teacher, args)
@@ -422,7 +424,7 @@ def run_recover_cmd(args: argparse.Namespace):
                      if k in config},
                     extra={"recovered_from": format_setting(setting), "method": args.method, "steps": result.steps,
                            "augment": bool(args.augment), "mixup": args.mixup, "ce_weight": args.ce_weight,
-                           "feature_weight": args.feature_weight,
+                           "feature_weight": args.feature_weight, "temperature": args.temperature,
                            "images": result.images, "minutes": round(result.seconds / 60, 2)},
                     settings=format_setting(token_setting) if token_setting else None)
     print(f"recovered {format_setting(setting)} with {args.method}: {result.steps} steps on {result.images} images, "

@@ -118,6 +118,7 @@ def recover(
     lora_alpha: int = 16,
     mixup: float = 0.0,
     feature_weight: float = 0.0,
+    temperature: float = 1.0,
     num_workers: int = 0,
     seed: int = 0,
     state_path: Optional[str] = None,
@@ -144,6 +145,9 @@ def recover(
             residual stream entering every block and the final norm is matched as well: the
             squared error relative to the teacher's norm, averaged over blocks, times this weight:
             more signal per image than the logits alone.
+        temperature: distillation temperature ``T``: both output distributions are softened by
+            ``T`` and the KL is scaled by ``T**2`` (Hinton et al.), so the teacher's ranking of the
+            wrong classes, not only its top class, is matched. 1.0 is the plain KL.
         state_path: resume file, written every ``save_every`` steps and at the end.
         progress: a tqdm bar with the running loss (on a terminal).
 
@@ -160,6 +164,8 @@ def recover(
         raise ValueError("steps, batch_size and save_every must be >= 1")
     if not mixup >= 0:
         raise ValueError(f"mixup is the Beta parameter of the blend and must be >= 0 (0: off), got {mixup}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (1.0: the plain KL), got {temperature}")
     if not feature_weight >= 0:
         raise ValueError(f"feature_weight must be >= 0 (0: off), got {feature_weight}")
     if feature_weight > 0 and getattr(model, "cls_token", None) is None:
@@ -269,9 +275,10 @@ def recover(
                     lam = _beta(mixup, torch.Generator().manual_seed(seed * 1_000_003 + step))
                     images = lam * images + (1 - lam) * images.flip(0)
                 with torch.no_grad():
-                    t_logp = teacher(images).float().log_softmax(-1)
+                    t_logp = (teacher(images).float() / temperature).log_softmax(-1)
                 s_logits = student(images).float()
-                loss = F.kl_div(s_logits.log_softmax(-1), t_logp, log_target=True, reduction="batchmean")
+                loss = temperature ** 2 * F.kl_div((s_logits / temperature).log_softmax(-1), t_logp, log_target=True,
+                                                   reduction="batchmean")
                 if taps is not None:
                     loss = loss + feature_weight * taps.loss()
                 if use_ce:
