@@ -96,6 +96,13 @@ def test_resume_continues_from_the_saved_step(tmp_path, mixup):
     result = recover(resumed, teacher, _data(), steps=12, batch_size=16, save_every=4, state_path=str(state),
                      mixup=mixup, progress=False, log=logs.append)
     assert any("at step 8/12" in m for m in logs) and result.steps == 12
+    # A resume with another objective would mix two runs: refused, naming what changed.
+    other = tmp_path / "other.state"
+    recover(tokenslim.patch(copy.deepcopy(teacher), r=8), teacher, _data(), steps=12, batch_size=16, save_every=4,
+            state_path=str(other), mixup=mixup, progress=False)
+    with pytest.raises(ValueError, match=r"other options \(temperature 1.0 -> 2.0\)"):
+        recover(tokenslim.patch(copy.deepcopy(teacher), r=8), teacher, _data(), steps=12, batch_size=16,
+                save_every=4, state_path=str(other), mixup=mixup, temperature=2.0, progress=False)
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
 

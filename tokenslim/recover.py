@@ -4,7 +4,7 @@ distillation from the unpatched model, folded back into the weights.
 Training runs with the reduction active (merging, pruning, materialised channels): the student is
 the reduced model itself, the teacher the unpatched model. The loss is KL(teacher || student) on
 the outputs, so no labels are needed; with ``ce_weight > 0`` and labels that fit the head,
-cross-entropy is added. Only a few parameters train:
+cross-entropy is added. A few parameters train (all of them with ``"full"``, the reference):
 
 * ``"bias"``: the biases of every Linear in the blocks ("offset" tuning);
 * ``"norm"``: the LayerNorm weights and biases (blocks and final norm);
@@ -132,7 +132,7 @@ def recover(
         model: the reduced model (patched and/or channel-pruned); trained in place.
         teacher: the unpatched model; its outputs must have the model's shape.
         data: training images ``(image, label)`` with the evaluation transform (or light augmentation).
-        method: ``"bias"``, ``"norm"``, ``"bias_norm"``, ``"lora"`` or ``"lora_bias_norm"``.
+        method: ``"bias"``, ``"norm"``, ``"bias_norm"``, ``"lora"``, ``"lora_bias_norm"`` or ``"full"``.
         steps: optimizer steps (cycling over ``data``).
         lr: peak learning rate (cosine decay after 5% warm-up); default 1e-3 (bias/norm), 5e-4 (LoRA),
             1e-4 (full).
@@ -221,11 +221,20 @@ def recover(
 
     g = torch.Generator().manual_seed(seed)
     step, losses, resume_batch = 0, [], 0
+    # What a resumed run must share with the interrupted one, or the result mixes two objectives.
+    options = {"lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "ce_weight": ce_weight,
+               "mixup": mixup, "feature_weight": feature_weight, "temperature": temperature, "seed": seed,
+               "images": len(data)}
     if state_path and os.path.isfile(state_path):
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state.get("method") != method or state.get("steps") != steps or set(state["params"]) != set(params):
             raise ValueError(f"{state_path} belongs to another recovery run (method, steps or parameters differ); "
                              "delete it or pass another state path")
+        changed = {k: (v, options[k]) for k, v in state.get("options", options).items() if options.get(k) != v}
+        if changed:
+            listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"{state_path} was written by a run with other options ({listed}); resume with the "
+                             "same options, or delete it to start over")
         with torch.no_grad():
             for n, v in state["params"].items():
                 params[n].copy_(v)
@@ -239,7 +248,8 @@ def recover(
             return
         os.makedirs(os.path.dirname(os.path.abspath(state_path)), exist_ok=True)
         tmp = state_path + ".tmp"
-        torch.save({"method": method, "steps": steps, "step": step, "losses": losses, "generator": epoch_state,
+        torch.save({"method": method, "steps": steps, "options": options, "step": step, "losses": losses,
+                    "generator": epoch_state,
                     "batch": batch,
                     "params": {n: p.detach().clone() for n, p in params.items()},
                     "optimizer": opt.state_dict()}, tmp)
