@@ -17,17 +17,11 @@ import math
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tokenslim.evaluate import dataset_targets, evaluate, holdout, open_dataset, resolve_transform, subset  # noqa: E402
 from tokenslim.loading import load_checkpoint  # noqa: E402
 from tokenslim.spec import apply_setting, parse_setting  # noqa: E402
-
-
-def _mean_se(values: torch.Tensor):
-    return float(values.mean()), float(values.std()) / math.sqrt(len(values))
 
 
 def main(argv=None) -> None:
@@ -48,28 +42,28 @@ def main(argv=None) -> None:
     transform, _ = resolve_transform(model)
     data = open_dataset(args.data, transform)
     data = holdout(data, args.holdout, args.seed) if args.holdout else subset(data, args.limit, args.seed)
-    targets = dataset_targets(data)
-    if targets is None:
+    if dataset_targets(data) is None:
         raise SystemExit(f"{args.data} has no labels; paired top-1 needs them")
-    labels = torch.tensor(targets)
     kw = dict(batch_size=args.batch_size, num_workers=0, progress=False, keep_logits=True)
-    reference = evaluate(model, data, **kw).logits.log_softmax(-1)
+    unpatched = evaluate(model, data, **kw).logits.log_softmax(-1)
 
-    def per_image(setting: str):
-        logits = evaluate(apply_setting(copy.deepcopy(model), parse_setting(setting)), data, **kw).logits
-        kl = (reference.exp() * (reference - logits.log_softmax(-1))).sum(-1)
-        return kl, (logits.argmax(-1) == labels).double() * 100
+    def run(setting: str, baseline_logits=None):
+        """The setting's evaluation (paired with the baseline's logits when given) and its
+        per-image KL to the unpatched model."""
+        reduced = apply_setting(copy.deepcopy(model), parse_setting(setting))
+        result = evaluate(reduced, data, reference_logits=baseline_logits, **kw)
+        kl = (unpatched.exp() * (unpatched - result.logits.log_softmax(-1))).sum(-1).double()
+        return result, kl
 
-    base_kl, base_correct = per_image(args.baseline)
-    print(f"{len(labels)} images; baseline {args.baseline}: top-1 {base_correct.mean():.2f}, KL {base_kl.mean():.4f}")
+    base, base_kl = run(args.baseline)
+    print(f"{len(data)} images; baseline {args.baseline}: top-1 {base.top1:.2f}, KL {base_kl.mean():.4f}")
     print(f"{'setting':56s} {'top1':>6s} {'d top1 vs baseline':>20s} {'KL':>8s} {'d KL vs baseline':>22s}")
     for setting in args.settings:
-        kl, correct = per_image(setting)
-        d_top1, se_top1 = _mean_se(correct - base_correct)
-        d_kl, se_kl = _mean_se((kl - base_kl).double())
-        print(f"{setting:56s} {correct.mean():6.2f} {d_top1:+9.2f} +- {se_top1:5.2f}    {kl.mean():8.4f} "
-              f"{d_kl:+11.5f} +- {se_kl:.5f}")
-
+        # evaluate's paired top-1 difference, with the baseline's logits as the reference
+        result, kl = run(setting, base.logits)
+        d_kl = kl - base_kl
+        print(f"{setting:56s} {result.top1:6.2f} {result.top1_diff:+9.2f} +- {result.top1_diff_se:5.2f}    "
+              f"{kl.mean():8.4f} {d_kl.mean():+11.5f} +- {d_kl.std() / math.sqrt(len(d_kl)):.5f}")
 
 if __name__ == "__main__":
     main()

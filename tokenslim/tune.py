@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 from .evaluate import evaluate
 from .measure.benchmark import compare
 from .measure.macs import count_macs
+from .schedule import parse_r
 from .spec import apply_setting, parse_setting
 
 DEFAULT_METHODS = ("tome", "diffrate")
@@ -395,8 +396,6 @@ def tune(
     def plain(method: str, extra: str, family: str, k: int, keep: Tuple[int, ...], mlp: float,
               phase: str) -> Tuple[_State, Candidate]:
         """Strength ``k`` of a plain schedule family: constant ``r=k`` or ToMe's ramp ``(k, -1)``."""
-        from .schedule import parse_r
-
         trial = _State(tuple(parse_r(k if family == "constant" else (k, -1), depth)), keep, mlp)
         return trial, assess(trial.text(method, extra), method, phase)
 
