@@ -58,6 +58,12 @@ def test_sweep_and_benchmark_commands(tiny_checkpoint_and_data, tmp_path, capsys
     main(["sweep", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "r=4", "--workers", "0",
           "--quiet", "--out", str(tmp_path / "sweep"), "--bench-batch-size", "2", "--device", "cpu"])
     assert (tmp_path / "sweep" / "sweep.svg").exists()
+    # --holdout selects the images for a sweep exactly as for eval (it was once silently ignored).
+    main(["sweep", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "r=4", "--workers", "0",
+          "--quiet", "--out", str(tmp_path / "sweep_holdout"), "--bench-batch-size", "2", "--device", "cpu",
+          "--holdout", "4"])
+    rows = [json.loads(line) for line in open(tmp_path / "sweep_holdout" / "sweep.jsonl")]
+    assert [r["images"] for r in rows] == [5, 5] and rows[0]["run"]["holdout"] == 4
     main(["benchmark", "--model", "vit_tiny_patch16_224", "--settings", "r=8", "--batch-size", "1", "--no-latency",
           "--jsonl", str(tmp_path / "b.jsonl"), "--device", "cpu"])
     rows = [json.loads(line) for line in open(tmp_path / "b.jsonl")]

@@ -10,6 +10,7 @@ import tokenslim
 from conftest import VARIANTS, images, make_model
 from test_exact import ref_merge
 from tokenslim.methods import get_method, method_names
+from tokenslim.methods.atc import cluster
 from tokenslim.ops import merge_tokens
 
 CLASS_VARIANTS = [v for v in sorted(VARIANTS) if v not in ("avg_no_class", "map_pool")]
@@ -73,6 +74,24 @@ def ref_step(method, x, size, k, v, w, r, p, layer, depth, option, decisions):
             return ref_merge(x, size, metric, r, p)
         ranked = sorted(others, key=lambda j: (-float(score[j]), j))
         groups, order = {}, list(range(p)) + ranked[: n - p - r]
+    elif method in ("atc", "atc_average"):
+        # Agglomerative clustering with every linkage recomputed from the member pairs.
+        r = min(r, n - p - 1)
+        m = F.normalize(metric[p:], dim=-1)
+        cos = (m @ m.t()).tolist()
+        clusters = [[i] for i in range(n - p)]  # kept in the order of their lowest member
+        for _ in range(r):
+            best = None
+            for a in range(len(clusters)):
+                for b in range(a + 1, len(clusters)):
+                    pairs = [cos[i][j] for i in clusters[a] for j in clusters[b]]
+                    link = min(pairs) if method == "atc" else sum(pairs) / len(pairs)
+                    if best is None or link > best[0]:
+                        best = (link, a, b)
+            _, a, b = best
+            clusters[a] = clusters[a] + clusters.pop(b)
+        groups = {p + min(c): [p + j for j in c if j != min(c)] for c in clusters}
+        order = list(range(p)) + [p + min(c) for c in clusters]
     else:
         raise AssertionError(method)
     assign = assignment(order, groups, n)
@@ -136,6 +155,33 @@ def check_against_reference(model, x, method, option=None):
 def test_merge_methods_equal_reference_on_every_variant(variant, method):
     model = tokenslim.patch(make_model(variant), r=[6, 3, 8, 5], method=method)
     check_against_reference(model, images(2), method)
+
+
+@pytest.mark.parametrize("method", ["atc", "atc_average"])
+def test_atc_equals_reference_on_every_variant(variant, method):
+    # Agglomerative clustering removes far more than half the tokens in one block when told to.
+    model = tokenslim.patch(make_model(variant), r=[10, 30, 0, 12], method=method)
+    assert model.tokenslim_plan(65 + model.num_prefix_tokens - 1).merged[1] == 30
+    check_against_reference(model, images(2), method)
+
+
+def test_atc_linkages_on_a_chain():
+    # Points on an arc: 0 and 1 nearly equal; 2 is 0.10 from 1 and 0.12 from 0; 3 is 0.115 from 2.
+    # Both linkages join 0 and 1 first. Then average linkage (mean similarity to 0 and 1) takes 2
+    # into that pair, while complete linkage (the least similar member, 0) pairs 2 with 3 instead.
+    angles = torch.tensor([0.0, 0.02, 0.12, 0.235, 1.5])
+    metric = torch.stack([angles.cos(), angles.sin()], dim=-1)[None]
+    assert cluster(metric, 1, "complete").tolist() == [[0, 0, 2, 3, 4]]
+    assert cluster(metric, 2, "complete").tolist() == [[0, 0, 2, 2, 4]]
+    assert cluster(metric, 2, "average").tolist() == [[0, 0, 0, 3, 4]]
+    assert cluster(metric, 4, "average").tolist() == [[0] * 5]
+    # Identical tokens tie: the first pair in row-major order joins, so plans are deterministic.
+    same = torch.ones(2, 4, 3)
+    assert cluster(same, 2, "complete").tolist() == [[0, 0, 0, 3]] * 2
+    with pytest.raises(ValueError, match="linkage"):
+        cluster(metric, 1, "single")
+    with pytest.raises(ValueError, match=r"r must lie in \[0, 4\]"):
+        cluster(metric, 5)
 
 
 @pytest.mark.parametrize("variant", CLASS_VARIANTS)

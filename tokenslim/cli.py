@@ -174,10 +174,19 @@ def _load_model_and_settings(args: argparse.Namespace):
     return model, [s for _, s in settings]
 
 
+def _select_images(data, args: argparse.Namespace):
+    """The images ``--limit`` or ``--holdout`` (with ``--seed``) select from ``data``."""
+    from .evaluate import holdout, subset
+
+    if args.holdout is not None and args.limit is not None:
+        raise ValueError("--holdout N evaluates on everything --limit N would not pick; give one of them")
+    return holdout(data, args.holdout, args.seed) if args.holdout is not None else subset(data, args.limit, args.seed)
+
+
 def run_eval(args: argparse.Namespace) -> List[dict]:
     import copy
 
-    from .evaluate import evaluate, holdout, init_from_env, open_dataset, resolve_transform, subset
+    from .evaluate import evaluate, init_from_env, open_dataset, resolve_transform
     from .spec import apply_setting, format_setting
 
     info = init_from_env()
@@ -185,10 +194,7 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     base, settings = _load_model_and_settings(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, data_config = resolve_transform(base, **overrides)
-    if args.holdout is not None and args.limit is not None:
-        raise ValueError("--holdout N evaluates on everything --limit N would not pick; give one of them")
-    data = open_dataset(args.data, transform)
-    data = holdout(data, args.holdout, args.seed) if args.holdout is not None else subset(data, args.limit, args.seed)
+    data = _select_images(open_dataset(args.data, transform), args)
     if info.is_main:
         print(f"{args.model or args.checkpoint}: {len(data)} images from {args.data}, world size {info.world_size}, "
               f"input {data_config['input_size']}, mean {data_config['mean']}, std {data_config['std']}",
@@ -258,17 +264,17 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
-    from .evaluate import open_dataset, resolve_transform, subset
+    from .evaluate import open_dataset, resolve_transform
     from .sweep import check_out_dir, format_sweep, run_sweep, write_outputs
 
     check_out_dir(args.out)
     model, _ = _load_model_and_settings(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, _ = resolve_transform(model, **overrides)
-    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    data = _select_images(open_dataset(args.data, transform), args)
     name = args.model or os.path.basename(args.checkpoint)
     run = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
-           "seed": args.seed, "precision": args.precision, "img_size": args.img_size,
+           "holdout": args.holdout, "seed": args.seed, "precision": args.precision, "img_size": args.img_size,
            "bench_batch_size": args.bench_batch_size, "rounds": args.rounds}
     rows = run_sweep(
         model, args.settings, data, model_name=name,

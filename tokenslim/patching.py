@@ -77,7 +77,8 @@ def patch(
         prune_layers: 0-based pruning blocks; EViT's DeiT setting ``(3, 6, 9)`` by default.
         fuse_pruned: fuse the pruned tokens into one extra token (EViT's inattentive token fusion).
         prop_attn: proportional attention; ``None``: on when merging, off for pruning alone.
-        method: ``"tome"`` (default, exact ToMe), ``"mlerp"``, ``"pitome"``, ``"diffrate"``, ``"ppt"``.
+        method: ``"tome"`` (default, exact ToMe), ``"mlerp"``, ``"pitome"``, ``"diffrate"``, ``"ppt"``,
+            ``"atc"``, ``"atc_average"``.
         threshold: PPT's variance threshold (``method="ppt"`` only).
         margin: PiToMe's energy margin at the first block (``method="pitome"`` only).
 

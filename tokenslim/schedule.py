@@ -263,7 +263,7 @@ class ReductionSettings:
         if method.needs_class_token and not self._has_class_token:
             raise ValueError(
                 f"method {method.name!r} ranks tokens by the class token's attention, and this model has no class "
-                "token (class_token=False); use method='tome', 'mlerp' or 'pitome'"
+                "token (class_token=False); use method='tome', 'mlerp', 'pitome' or 'atc'"
             )
         for name, current in getattr(self, "_options", {}).items():
             if current is not None and method.option != name:

@@ -403,7 +403,8 @@ def patch(
         prop_attn: proportional attention, ``log(size)`` of each key added to the logits. ``None``
             (default): on when merging (ToMe), off for pruning alone (EViT has none).
         method: how each block removes its ``r`` tokens (see :mod:`tokenslim.methods`): ``"tome"``
-            (default, exact ToMe), ``"mlerp"``, ``"pitome"``, ``"diffrate"``, ``"ppt"``.
+            (default, exact ToMe), ``"mlerp"``, ``"pitome"``, ``"diffrate"``, ``"ppt"``, ``"atc"``,
+            ``"atc_average"``.
         threshold: PPT's variance threshold (``method="ppt"`` only; default 7e-5).
         margin: PiToMe's energy margin at the first block (``method="pitome"`` only; default 0.75).
 

@@ -4,22 +4,26 @@ Each method is a small pure-tensor module that plans a block's reduction step fr
 attention computed; the framework adapters (e.g. :mod:`tokenslim.timm_vit`) only wire them in.
 Choose one with ``tokenslim.patch(model, r=..., method="...")`` or ``method=...`` in settings text.
 
-==========  ===============================================================================
-tome        ToMe: bipartite soft matching on the keys, size-weighted mean (default, exact)
-mlerp       ToFu's norm-preserving MLERP merge on ToMe's matching
-pitome      PiToMe: energy score picks redundant tokens to merge, protects the rest
-diffrate    DiffRate: rank by class attention, merge the lowest into the most similar top ones
-ppt         PPT: per image, ToMe-merge or prune by value-weighted class attention
-==========  ===============================================================================
+===========  ===============================================================================
+tome         ToMe: bipartite soft matching on the keys, size-weighted mean (default, exact)
+mlerp        ToFu's norm-preserving MLERP merge on ToMe's matching
+pitome       PiToMe: energy score picks redundant tokens to merge, protects the rest
+diffrate     DiffRate: rank by class attention, merge the lowest into the most similar top ones
+ppt          PPT: per image, ToMe-merge or prune by value-weighted class attention
+atc          ATC: agglomerative clustering of the keys (complete linkage), any number per block
+atc_average  ATC with average linkage
+===========  ===============================================================================
 """
 from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from . import diffrate, mlerp, pitome, ppt, tome
+from . import atc, diffrate, mlerp, pitome, ppt, tome
 from .base import ReductionMethod, StepInputs, StepPlan
 
-METHODS: Dict[str, ReductionMethod] = {m.METHOD.name: m.METHOD for m in (tome, mlerp, pitome, diffrate, ppt)}
+METHODS: Dict[str, ReductionMethod] = {
+    m.name: m for m in (tome.METHOD, mlerp.METHOD, pitome.METHOD, diffrate.METHOD, ppt.METHOD, atc.METHOD, atc.AVERAGE)
+}
 DEFAULT_METHOD = "tome"
 
 
