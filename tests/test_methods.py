@@ -292,3 +292,14 @@ def test_method_errors_are_clear():
         model.tokenslim.method = "tome"  # the threshold would silently stop meaning anything
     assert model.tokenslim.method == "ppt"
     assert get_method("PiToMe").name == "pitome"
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_patched_model_pickles_with_every_method(method):
+    import pickle
+
+    model = tokenslim.patch(make_model("vit"), r=4, method=method)
+    x = images(2)
+    copy = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(copy(x), model(x))

@@ -21,6 +21,7 @@ small sequential updates of it per block.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -84,32 +85,24 @@ def cluster(metric: torch.Tensor, r: int, linkage: str = "complete") -> torch.Te
     return parent
 
 
-def _planner(linkage: str):
-    def plan(inputs: StepInputs, r: int) -> StepPlan:
-        p = inputs.num_prefix_tokens
-        keys = inputs.keys[:, p:]
-        batch, n, _ = keys.shape
-        root = cluster(keys, r, linkage)
-        is_root = root == torch.arange(n, device=keys.device)
-        slot = is_root.long().cumsum(dim=-1) - 1 + p  # output slot of every root
-        prefix = torch.arange(p, device=keys.device).expand(batch, p)
-        return StepPlan(torch.cat([prefix, slot.gather(1, root)], dim=1), p + n - r)
-
-    return plan
+def plan(linkage: str, inputs: StepInputs, r: int) -> StepPlan:
+    """One block's step: ``r`` joins of the non-prefix tokens, one output token per cluster."""
+    p = inputs.num_prefix_tokens
+    keys = inputs.keys[:, p:]
+    batch, n, _ = keys.shape
+    root = cluster(keys, r, linkage)
+    is_root = root == torch.arange(n, device=keys.device)
+    slot = is_root.long().cumsum(dim=-1) - 1 + p  # output slot of every root
+    prefix = torch.arange(p, device=keys.device).expand(batch, p)
+    return StepPlan(torch.cat([prefix, slot.gather(1, root)], dim=1), p + n - r)
 
 
-METHOD = ReductionMethod(
-    name="atc",
-    summary="ATC: agglomerative clustering of the keys, complete linkage; up to all but one token per block",
-    plan=_planner("complete"),
-    max_r=all_but_one,
-    needs_keys=True,
-)
+def _method(name: str, linkage: str, summary: str) -> ReductionMethod:
+    # functools.partial of a module function, not a closure: a patched model stays picklable.
+    return ReductionMethod(name=name, summary=summary, plan=functools.partial(plan, linkage), max_r=all_but_one,
+                           needs_keys=True)
 
-AVERAGE = ReductionMethod(
-    name="atc_average",
-    summary="ATC with average linkage (mean similarity over member pairs)",
-    plan=_planner("average"),
-    max_r=all_but_one,
-    needs_keys=True,
-)
+
+METHOD = _method("atc", "complete",
+                 "ATC: agglomerative clustering of the keys, complete linkage; up to all but one token per block")
+AVERAGE = _method("atc_average", "average", "ATC with average linkage (mean similarity over member pairs)")
