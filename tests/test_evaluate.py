@@ -92,7 +92,6 @@ def test_subset_is_deterministic():
         subset(data, 0)
 
 
-@shared_data
 def test_holdout_is_exactly_what_the_subset_leaves_out():
     from torch.utils.data import TensorDataset
 
@@ -107,6 +106,7 @@ def test_holdout_is_exactly_what_the_subset_leaves_out():
         holdout(data, 50)
 
 
+@shared_data
 def test_label_file_comma_form_on_imagenet():
     samples = parse_label_file(str(IMAGENET / "dataset.txt"))
     assert len(samples) == 1300 and samples[0][1] == 472
