@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     model = load_checkpoint(args.checkpoint)
     transform, _ = resolve_transform(model)
     data = open_dataset(args.data, transform)
-    data = holdout(data, args.holdout, args.seed) if args.holdout else subset(data, args.limit, args.seed)
+    data = holdout(data, args.holdout, args.seed) if args.holdout is not None else subset(data, args.limit, args.seed)
     if dataset_targets(data) is None:
         raise SystemExit(f"{args.data} has no labels; paired top-1 needs them")
     kw = dict(batch_size=args.batch_size, num_workers=0, progress=False, keep_logits=True)

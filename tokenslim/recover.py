@@ -230,7 +230,7 @@ def recover(
         if state.get("method") != method or state.get("steps") != steps or set(state["params"]) != set(params):
             raise ValueError(f"{state_path} belongs to another recovery run (method, steps or parameters differ); "
                              "delete it or pass another state path")
-        changed = {k: (v, options[k]) for k, v in state.get("options", options).items() if options.get(k) != v}
+        changed = {k: (v, options.get(k)) for k, v in state.get("options", options).items() if options.get(k) != v}
         if changed:
             listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"{state_path} was written by a run with other options ({listed}); resume with the "
