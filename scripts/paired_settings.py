@@ -45,7 +45,8 @@ def main(argv=None) -> None:
     if dataset_targets(data) is None:
         raise SystemExit(f"{args.data} has no labels; paired top-1 needs them")
     kw = dict(batch_size=args.batch_size, num_workers=0, progress=False, keep_logits=True)
-    unpatched = evaluate(model, data, **kw).logits.log_softmax(-1)
+    reference = evaluate(model, data, **kw)
+    unpatched = reference.logits.log_softmax(-1)
 
     def run(setting: str, baseline_logits=None):
         """The setting's evaluation (paired with the baseline's logits when given) and its
@@ -56,7 +57,8 @@ def main(argv=None) -> None:
         return result, kl
 
     base, base_kl = run(args.baseline)
-    print(f"{len(data)} images; baseline {args.baseline}: top-1 {base.top1:.2f}, KL {base_kl.mean():.4f}")
+    print(f"{len(data)} images; unpatched top-1 {reference.top1:.2f}; baseline {args.baseline}: top-1 {base.top1:.2f}, "
+          f"KL {base_kl.mean():.4f}")
     print(f"{'setting':56s} {'top1':>6s} {'d top1 vs baseline':>20s} {'KL':>8s} {'d KL vs baseline':>22s}")
     for setting in args.settings:
         # evaluate's paired top-1 difference, with the baseline's logits as the reference

@@ -69,6 +69,12 @@ def test_sweep_and_benchmark_commands(tiny_checkpoint_and_data, tmp_path, capsys
     rows = [json.loads(line) for line in open(tmp_path / "b.jsonl")]
     assert [r["setting"] for r in rows] == ["none", "r=8"] and rows[1]["mac_ratio"] > 1.3
     assert "thru x" in capsys.readouterr().out
+    # A checkpoint is labelled with its own architecture, not with the --model default (ViT-S).
+    main(["benchmark", "--checkpoint", str(ckpt), "--settings", "r=4", "--batch-size", "1", "--no-latency",
+          "--rounds", "15", "--jsonl", str(tmp_path / "c.jsonl"), "--device", "cpu"])
+    rows = [json.loads(line) for line in open(tmp_path / "c.jsonl")]
+    assert {r["model"] for r in rows} == {"vit_tiny_patch16_224"}
+    assert capsys.readouterr().out.startswith("vit_tiny_patch16_224, batch 1")
 
 
 def test_bad_setting_fails_before_work(tiny_checkpoint_and_data, capsys):

@@ -74,6 +74,11 @@ def test_probe_checkpoint_is_the_backbone_plus_the_head(backbone_and_images, tmp
         assert torch.equal(model.state_dict()[k], v), k
     probe = torch.load(out, weights_only=False)["extra"]["probe"]
     assert probe["images"] == 24 and set(probe["accuracy"]) == {"train", "val"}
+    # every default penalty was tried on the held-back images and the best (stronger on ties) kept
+    candidates = probe["candidates"]
+    assert [c["weight_decay"] for c in candidates] == [1e-1, 1e-2, 1e-3, 1e-4]
+    best = max(c["val"] for c in candidates)
+    assert probe["weight_decay"] == next(c["weight_decay"] for c in candidates if c["val"] == best)
 
 
 def test_probe_refuses_a_model_with_a_head_and_bad_flags(backbone_and_images, tmp_path, capsys):
@@ -87,6 +92,9 @@ def test_probe_refuses_a_model_with_a_head_and_bad_flags(backbone_and_images, tm
         script.main(["--backbone", str(path), "--data", str(folder), "--limit", "10", "--val", "10",
                      "--out", str(tmp_path / "p.pth")])
     assert exit_info.value.code == 2 and "--val" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--backbone", str(path), "--data", str(folder), "--val", "0", "--out", str(tmp_path / "p.pth")])
+    assert exit_info.value.code == 2 and "--weight-decay" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--backbone", str(path), "--data", str(folder), "--out", str(path)])
     assert exit_info.value.code == 2

@@ -45,14 +45,16 @@ def run_benchmark(args: argparse.Namespace) -> List[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    # A tokenslim checkpoint names its own architecture; the --model default must not label it.
+    name = ((getattr(model, "pretrained_cfg", None) or {}).get("architecture") if args.checkpoint else None) or args.model
     rows = benchmark_settings(
-        model, args.settings, model_name=args.model, progress=_progress,
+        model, args.settings, model_name=name, progress=_progress,
         batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds,
         steps_per_round=args.steps_per_round, latency=not args.no_latency, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
     )
     ctx = rows[0]["context"]
-    print(f"{args.model}, batch {ctx['batch_size']}, {ctx['img_size'][0]}px, {ctx['precision']}, "
+    print(f"{name}, batch {ctx['batch_size']}, {ctx['img_size'][0]}px, {ctx['precision']}, "
           f"{ctx['device']} ({ctx['device_name']}), {ctx['cpu_threads']} CPU threads, {args.rounds} interleaved "
           f"rounds; ratios are speed-ups over the unpatched model; GMACs per image (1 multiply-add = 1)")
     print(format_rows(rows))
