@@ -46,7 +46,8 @@ def run_benchmark(args: argparse.Namespace) -> List[dict]:
         torch.set_num_threads(args.threads)
     model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
     # A tokenslim checkpoint names its own architecture; the --model default must not label it.
-    name = ((getattr(model, "pretrained_cfg", None) or {}).get("architecture") if args.checkpoint else None) or args.model
+    built = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    name = (built if args.checkpoint else None) or args.model
     rows = benchmark_settings(
         model, args.settings, model_name=name, progress=_progress,
         batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds,
