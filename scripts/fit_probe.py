@@ -27,7 +27,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from timm import create_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -133,13 +132,14 @@ def main(argv=None) -> None:
 
     kwargs = dict(raw.get("model_kwargs") or {}, num_classes=num_classes)
     config = dict(raw.get("data_config") or {}, num_classes=num_classes)
-    model = create_model(raw["model_name"], pretrained=False, **kwargs)
-    state = dict(backbone.state_dict(), **{"head.weight": weight, "head.bias": bias})
-    model.load_state_dict(state)
+    backbone.reset_classifier(num_classes)  # timm's own way to give a model a new head
+    with torch.no_grad():
+        backbone.get_classifier().weight.copy_(weight)
+        backbone.get_classifier().bias.copy_(bias)
     extra = dict(raw.get("extra") or {}, probe={"data": args.data, "images": args.limit, "val": args.val,
                                                   "weight_decay": chosen, "accuracy": acc,
                                                   "candidates": [{"weight_decay": wd, **a} for wd, a, _, _ in scores]})
-    save_checkpoint(model, args.out, raw["model_name"], kwargs, config, extra=extra)
+    save_checkpoint(backbone, args.out, raw["model_name"], kwargs, config, extra=extra)
     shown = ", ".join(f"{k} {v:.2f}%" for k, v in acc.items())
     print(f"probe on {len(labels)} images, {num_classes} classes, weight decay {chosen:g}: {shown}; wrote {args.out}")
 

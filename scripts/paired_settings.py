@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tokenslim.evaluate import dataset_targets, evaluate, holdout, open_dataset, resolve_transform, subset  # noqa: E402
+from tokenslim.evaluate import dataset_targets, evaluate, open_dataset, resolve_transform, select  # noqa: E402
 from tokenslim.loading import load_checkpoint  # noqa: E402
 from tokenslim.spec import apply_setting, parse_setting  # noqa: E402
 
@@ -40,8 +40,7 @@ def main(argv=None) -> None:
 
     model = load_checkpoint(args.checkpoint)
     transform, _ = resolve_transform(model)
-    data = open_dataset(args.data, transform)
-    data = holdout(data, args.holdout, args.seed) if args.holdout is not None else subset(data, args.limit, args.seed)
+    data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
     if dataset_targets(data) is None:
         raise SystemExit(f"{args.data} has no labels; paired top-1 needs them")
     kw = dict(batch_size=args.batch_size, num_workers=0, progress=False, keep_logits=True)

@@ -40,8 +40,8 @@ def backbone_and_images(tmp_path):
     return backbone, path, tmp_path / "img"
 
 
-def test_fit_linear_matches_a_direct_fit_on_raw_features():
-    """The standardised fit folded back equals a minimiser of the same objective on raw features."""
+def test_fit_linear_is_the_optimum_on_raw_features():
+    """The standardised fit, folded back, is a minimiser of the stated objective on raw features."""
     fit_linear = _script().fit_linear
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 2.0

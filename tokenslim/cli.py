@@ -45,9 +45,8 @@ def run_benchmark(args: argparse.Namespace) -> List[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
-    # A tokenslim checkpoint names its own architecture; the --model default must not label it.
-    built = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    name = (built if args.checkpoint else None) or args.model
+    # The architecture built, not the --model default: a tokenslim checkpoint names its own.
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model
     rows = benchmark_settings(
         model, args.settings, model_name=name, progress=_progress,
         batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds,
@@ -177,19 +176,10 @@ def _load_model_and_settings(args: argparse.Namespace):
     return model, [s for _, s in settings]
 
 
-def _select_images(data, args: argparse.Namespace):
-    """The images ``--limit`` or ``--holdout`` (with ``--seed``) select from ``data``."""
-    from .evaluate import holdout, subset
-
-    if args.holdout is not None and args.limit is not None:
-        raise ValueError("--holdout N evaluates on everything --limit N would not pick; give one of them")
-    return holdout(data, args.holdout, args.seed) if args.holdout is not None else subset(data, args.limit, args.seed)
-
-
 def run_eval(args: argparse.Namespace) -> List[dict]:
     import copy
 
-    from .evaluate import evaluate, init_from_env, open_dataset, resolve_transform
+    from .evaluate import evaluate, init_from_env, open_dataset, resolve_transform, select
     from .spec import apply_setting, format_setting
 
     info = init_from_env()
@@ -197,7 +187,7 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     base, settings = _load_model_and_settings(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, data_config = resolve_transform(base, **overrides)
-    data = _select_images(open_dataset(args.data, transform), args)
+    data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
     if info.is_main:
         print(f"{args.model or args.checkpoint}: {len(data)} images from {args.data}, world size {info.world_size}, "
               f"input {data_config['input_size']}, mean {data_config['mean']}, std {data_config['std']}",
@@ -267,14 +257,14 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
-    from .evaluate import open_dataset, resolve_transform
+    from .evaluate import open_dataset, resolve_transform, select
     from .sweep import check_out_dir, format_sweep, run_sweep, write_outputs
 
     check_out_dir(args.out)
     model, _ = _load_model_and_settings(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, _ = resolve_transform(model, **overrides)
-    data = _select_images(open_dataset(args.data, transform), args)
+    data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
     name = args.model or os.path.basename(args.checkpoint)
     run = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
            "holdout": args.holdout, "seed": args.seed, "precision": args.precision, "img_size": args.img_size,

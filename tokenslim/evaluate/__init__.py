@@ -11,6 +11,7 @@ from .data import (
     open_dataset,
     parse_label_file,
     resolve_transform,
+    select,
     subset,
 )
 from .distributed import DistInfo, init_from_env, shard_indices
@@ -31,5 +32,6 @@ __all__ = [
     "parse_label_file",
     "resolve_transform",
     "shard_indices",
+    "select",
     "subset",
 ]

@@ -321,3 +321,13 @@ def holdout(dataset: Dataset, limit: int, seed: int = 0) -> Dataset:
         raise ValueError(f"holding out {limit} of {len(dataset)} images leaves nothing to evaluate")
     taken = set(_subset_indices(len(dataset), limit, seed))
     return Subset(dataset, [i for i in range(len(dataset)) if i not in taken])
+
+
+def select(dataset: Dataset, limit: Optional[int] = None, holdout_limit: Optional[int] = None,
+           seed: int = 0) -> Dataset:
+    """The items ``--limit N`` or ``--holdout N`` pick: :func:`holdout` given ``holdout_limit``,
+    else :func:`subset` (every item when both are ``None``). Refuses both at once."""
+    if holdout_limit is not None and limit is not None:
+        raise ValueError("--holdout N evaluates on everything --limit N would not pick; give one of them")
+    return holdout(dataset, holdout_limit, seed) if holdout_limit is not None else subset(dataset, limit, seed)
+
