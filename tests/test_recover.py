@@ -100,7 +100,7 @@ def test_resume_continues_from_the_saved_step(tmp_path, mixup):
     other = tmp_path / "other.state"
     recover(tokenslim.patch(copy.deepcopy(teacher), r=8), teacher, _data(), steps=12, batch_size=16, save_every=4,
             state_path=str(other), mixup=mixup, progress=False)
-    with pytest.raises(ValueError, match=r"other options \(temperature 1.0 -> 2.0\)"):
+    with pytest.raises(ValueError, match=r"another run \(temperature: 1.0 then, 2.0 now\)"):
         recover(tokenslim.patch(copy.deepcopy(teacher), r=8), teacher, _data(), steps=12, batch_size=16,
                 save_every=4, state_path=str(other), mixup=mixup, temperature=2.0, progress=False)
     for (n, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
@@ -255,8 +255,10 @@ def test_recover_command_writes_a_checkpoint_that_eval_reproduces(tmp_path, caps
     assert model.tokenslim.r == 6 and model.blocks[0].mlp.fc1.out_features == 144
     main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "labels.txt"), "--workers", "0", "--quiet",
           "--json", str(tmp_path / "e.json")])
-    first = json.loads((tmp_path / "e.json").read_text())["results"][0]
-    assert first["settings"]["r"] == 6  # evaluated as the reduced model it was recovered for
+    rows = json.loads((tmp_path / "e.json").read_text())["results"]
+    # The baseline is the recovered weights unreduced; the setting it carries is its own row.
+    assert [r["setting"] for r in rows] == ["none", "r=6"]
+    assert "r" not in rows[0]["settings"] and rows[1]["settings"]["r"] == 6
 
 
 def test_light_augmentation_crops_and_flips_at_the_input_size():

@@ -81,7 +81,8 @@ def test_sweep_refuses_results_of_another_run(tiny, tmp_path, capsys):
     main(_sweep_args(ckpt, labels, out, "r=2"))
     with pytest.raises(SystemExit):
         main(_sweep_args(ckpt, labels, out, "r=2", "--limit", "5"))
-    assert "different sweep (limit differ)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "limit: null then, 5 now" in err
 
 
 def test_eval_json_resumes_and_output_paths_are_checked_first(tiny, tmp_path, monkeypatch, capsys):

@@ -9,8 +9,8 @@ The one-liner::
 from .channels import ChannelPlan, apply_masks, materialize, plan_channels, prune_channels, remove_masks, restore_channels
 from .ops import source_matrix, unmerge
 from .schedule import ReductionSettings, RSpec, TokenPlan, parse_r, plan_tokens
-from .patching import is_patched, patch, unpatch
-from .timm_vit import MergeTrace, token_plan, trace_merges
+from .patching import is_patched, patch, token_plan, trace_merges, unpatch
+from .timm_vit import MergeTrace
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,8 @@ def _progress(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def add_benchmark_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit_small_patch16_224", help="timm model name")
+    p.add_argument("--model", default=None,
+                   help="timm model name (default vit_small_patch16_224; optional with a tokenslim checkpoint)")
     p.add_argument("--settings", nargs="+", default=["r=8", "r=13", "r=16"],
                    help="reduction settings, e.g. r=16 'r=(16,-1)' (the unpatched baseline is always included)")
     p.add_argument("--pretrained", action="store_true", help="load timm weights (needs network or a cache)")
@@ -39,16 +40,17 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
 def run_benchmark(args: argparse.Namespace) -> List[dict]:
     import torch
 
-    from .loading import create_model
     from .measure.table import benchmark_settings, format_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
-    # The architecture built, not the --model default: a tokenslim checkpoint names its own.
-    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or args.model
+    _check_output_file(args.jsonl, "--jsonl")
+    if not args.model and not args.checkpoint:
+        args.model = "vit_small_patch16_224"
+    model, name, carried = _load_baseline(args)
+    settings = ([carried] if carried else []) + list(args.settings)
     rows = benchmark_settings(
-        model, args.settings, model_name=name, progress=_progress,
+        model, settings, model_name=name, progress=_progress,
         batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds,
         steps_per_round=args.steps_per_round, latency=not args.no_latency, device=args.device,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
@@ -161,19 +163,40 @@ def _check_output_file(path: Optional[str], flag: str) -> None:
         raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
 
 
+def _load_baseline(args: argparse.Namespace):
+    """The unreduced model a run compares against, its architecture name, and the token-reduction
+    settings its checkpoint carries (``None`` if none), said on stderr when they matter."""
+    import torch
+
+    from .loading import architecture, load_baseline
+
+    torch.manual_seed(0)  # a randomly initialised model is then the same on every rank and every run
+    model, carried = load_baseline(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    name = architecture(model, args.model)
+    from .evaluate.distributed import current
+
+    if current().is_main:
+        if not args.checkpoint and not args.pretrained:
+            _progress(f"note: neither --checkpoint nor --pretrained given: {name} has random weights, so its "
+                      "accuracy means nothing (speed and agreement still do)")
+        if carried:
+            _progress(f"note: {args.checkpoint} carries the settings {carried}; the baseline 'none' is its weights "
+                      f"without them, and {carried} is measured as its own row")
+    return model, name, carried
+
+
 def _load_model_and_settings(args: argparse.Namespace):
-    """The unpatched model and the parsed settings, every setting checked against the model."""
-    from .loading import create_model
+    """The unreduced model, its architecture name and the parsed settings to compare with it (the
+    checkpoint's own settings first), every setting checked against the model."""
     from .spec import check_setting, parse_setting
 
     settings = [(t, parse_setting(t)) for t in args.settings]  # syntax first, before loading anything
-    import torch
-
-    torch.manual_seed(0)  # a randomly initialised model is then the same on every rank and every run
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    model, name, carried = _load_baseline(args)
+    if carried:
+        settings.insert(0, (carried, parse_setting(carried)))
     for text, setting in settings:
         check_setting(model, setting, text)
-    return model, [s for _, s in settings]
+    return model, name, [s for _, s in settings]
 
 
 def run_eval(args: argparse.Namespace) -> List[dict]:
@@ -182,21 +205,27 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     from .evaluate import evaluate, init_from_env, open_dataset, resolve_transform, select
     from .spec import apply_setting, format_setting
 
+    from .fingerprint import fingerprint
+
     info = init_from_env()
     _check_output_file(args.json, "--json")
-    base, settings = _load_model_and_settings(args)
+    base, model_name, settings = _load_model_and_settings(args)
+    from .input_size import resolve_img_size
+
+    resolve_img_size(base, args.img_size)  # a size the model refuses: said now, with what it takes
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, data_config = resolve_transform(base, **overrides)
     data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
     if info.is_main:
-        print(f"{args.model or args.checkpoint}: {len(data)} images from {args.data}, world size {info.world_size}, "
+        print(f"{model_name}: {len(data)} images from {args.data}, world size {info.world_size}, "
               f"input {data_config['input_size']}, mean {data_config['mean']}, std {data_config['std']}",
               file=sys.stderr)
-    header = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
-              "holdout": args.holdout,
-              "seed": args.seed, "precision": args.precision,
-              "data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}}
-    done = _read_eval_json(args.json, header, args.fresh) if args.json else {}
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
+    header = {"model": model_name, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
+              "holdout": args.holdout, "seed": args.seed, "precision": args.precision, "data_config": config,
+              "run": fingerprint(base, data, model=model_name, limit=args.limit, holdout=args.holdout,
+                                 seed=args.seed, precision=args.precision, data_config=config)}
+    done = _read_eval_json(args.json, header["run"], args.fresh) if args.json else {}
     rows = []
     common = dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                   precision=args.precision, progress=not args.quiet)
@@ -214,7 +243,7 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
 
             model = apply_setting(copy.deepcopy(base), parse_setting(name))
             result = evaluate(model, data, reference=base, label=name, **common)
-        rows.append({"setting": name, "model": args.model, **result.to_dict()})
+        rows.append({"setting": name, "model": model_name, **result.to_dict()})
         if info.is_main and args.json:
             _write_json(args.json, {**header, "results": rows})  # after every setting: nothing lost
     if info.is_main:
@@ -222,7 +251,10 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     return rows
 
 
-def _read_eval_json(path: str, header: dict, fresh: bool) -> dict:
+def _read_eval_json(path: str, run: dict, fresh: bool) -> dict:
+    """Finished rows of the same evaluation in ``path``, by setting (refused if another run wrote it)."""
+    from .fingerprint import check_same_run
+
     if fresh or not os.path.isfile(path):
         return {}
     try:
@@ -230,11 +262,7 @@ def _read_eval_json(path: str, header: dict, fresh: bool) -> dict:
             old = json.load(f)
     except (json.JSONDecodeError, OSError) as e:
         raise ValueError(f"--json {path} exists but cannot be read ({e}); pass --fresh to overwrite it") from None
-    theirs = {k: old.get(k) for k in header}
-    if theirs != json.loads(json.dumps(header)):
-        differ = sorted(k for k in header if json.loads(json.dumps(header[k])) != theirs.get(k))
-        raise ValueError(f"--json {path} holds results of another evaluation ({', '.join(differ)} differ); "
-                         "pass --fresh to overwrite it or choose another file")
+    check_same_run(old.get("run"), run, f"--json {path}", "pass --fresh to overwrite it or choose another file")
     return {row["setting"]: row for row in old.get("results", [])}
 
 
@@ -260,17 +288,20 @@ def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
     from .evaluate import open_dataset, resolve_transform, select
     from .sweep import check_out_dir, format_sweep, run_sweep, write_outputs
 
+    from .spec import format_setting
+
     check_out_dir(args.out)
-    model, _ = _load_model_and_settings(args)
+    model, name, settings = _load_model_and_settings(args)
+    from .input_size import resolve_img_size
+
+    resolve_img_size(model, args.img_size)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, _ = resolve_transform(model, **overrides)
     data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
-    name = args.model or os.path.basename(args.checkpoint)
-    run = {"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
-           "holdout": args.holdout, "seed": args.seed, "precision": args.precision, "img_size": args.img_size,
-           "bench_batch_size": args.bench_batch_size, "rounds": args.rounds}
+    run = dict(limit=args.limit, holdout=args.holdout, seed=args.seed, precision=args.precision,
+               img_size=args.img_size, bench_batch_size=args.bench_batch_size, rounds=args.rounds)
     rows = run_sweep(
-        model, args.settings, data, model_name=name,
+        model, [format_setting(s) for s in settings], data, model_name=name,
         eval_kwargs=dict(batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                          precision=args.precision, progress=not args.quiet),
         bench_kwargs=dict(batch_size=args.bench_batch_size, rounds=args.rounds, device=args.device,
@@ -313,12 +344,13 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--out", default="results/tune", help="folder for candidates.jsonl/csv and tune.json (resumable)")
     p.add_argument("--fresh", action="store_true", help="ignore earlier candidates in --out")
+    p.add_argument("--allow-miss", action="store_true",
+                   help="exit 0 even when the chosen setting re-measures below --speedup (default: exit 3)")
     p.add_argument("--quiet", action="store_true")
 
 
 def run_tune_cmd(args: argparse.Namespace):
     from .evaluate import open_dataset, resolve_transform, subset
-    from .loading import create_model
     from .sweep import check_out_dir
     from .tune import tune
 
@@ -329,8 +361,18 @@ def run_tune_cmd(args: argparse.Namespace):
         if not sep:
             raise ValueError(f"--method-option {item!r}: write METHOD:SETTING, e.g. ppt:threshold=0.7")
         options[method] = text
+    unused = sorted(set(options) - set(args.methods))
+    if unused:
+        raise ValueError(f"--method-option for {', '.join(unused)}, which --methods ({' '.join(args.methods)}) does "
+                         "not search; add it to --methods or drop the option")
+    from .methods import get_method
+    from .spec import parse_setting
+
+    for method, text in options.items():
+        get_method(method)
+        parse_setting(f"method={method},{text}")  # bad option text is refused now, not mid-search
     speedup = args.speedup if args.speedup is not None or args.max_drop is not None else 1.5
-    model = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    model, name, _ = _load_baseline(args)
     overrides = {"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}
     transform, _ = resolve_transform(model, **overrides)
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
@@ -340,8 +382,7 @@ def run_tune_cmd(args: argparse.Namespace):
         batch_size=args.batch_size, img_size=args.img_size, device=args.device, precision=args.precision,
         rounds=args.rounds, budget_min=args.budget_min, num_workers=args.workers, method_options=options,
         out_dir=args.out, fresh=args.fresh, progress=None if args.quiet else _progress,
-        run_info={"model": args.model, "checkpoint": args.checkpoint, "data": args.data, "limit": args.limit,
-                  "seed": args.seed},
+        run_info={"model": name, "limit": args.limit, "seed": args.seed},
     )
     b = result.best
     goal = f"target {result.target}x" if result.target else f"drop budget {result.max_drop} points"
@@ -351,6 +392,13 @@ def run_tune_cmd(args: argparse.Namespace):
           f"at batch {args.batch_size}; MAC ratio {b.mac_ratio:.2f}; agreement {b.agreement:.2f}%, KL {b.kl:.4f}{acc}; "
           f"{len(result.candidates)} candidates, {result.seconds / 60:.1f} min")
     print("wrote " + ", ".join(result.files.values()))
+    if result.reached is False:
+        short = 100.0 * (1 - b.throughput_ratio / result.target)
+        print(f"MISSED: the target was {result.target}x and the setting re-measures {b.throughput_ratio:.2f}x "
+              f"({short:.0f}% short); tune.json says \"reached\": false. Give a lower --speedup, a larger "
+              f"--budget-min or more --methods{'' if args.allow_miss else ', or --allow-miss to accept it'}")
+        if not args.allow_miss:
+            raise SystemExit(3)
     return result
 
 
@@ -381,6 +429,9 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--out", required=True, help="the recovered tokenslim checkpoint (carries settings and channels)")
     p.add_argument("--state", default=None, help="resume file (default: OUT.state)")
+    p.add_argument("--teacher", default=None,
+                   help="checkpoint of the teacher (default: --checkpoint/--model without any settings it carries); "
+                        "give the original model when recovering a recovered checkpoint again")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -388,7 +439,7 @@ def run_recover_cmd(args: argparse.Namespace):
     import copy
 
     from .evaluate import open_dataset, resolve_transform, subset
-    from .loading import create_model, save_checkpoint
+    from .loading import load_baseline, save_checkpoint
     from .recover import recover
     from .spec import CHANNEL_KEYS, apply_setting, format_setting, parse_setting
 
@@ -400,31 +451,44 @@ def run_recover_cmd(args: argparse.Namespace):
         from .recover import _require_peft
 
         _require_peft()
-    teacher = create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint)
+    state_path = args.state or args.out + ".state"
+    _check_output_file(state_path, "--state")
+    start, name, carried = _load_baseline(args)  # the weights to recover, without settings they carry
+    teacher = start
+    if args.teacher:
+        teacher, teacher_carries = load_baseline(None, checkpoint_path=args.teacher)
+        if teacher_carries:
+            _progress(f"note: the teacher {args.teacher} carries settings {teacher_carries}; it teaches without them")
+    elif carried:
+        _progress(f"warning: the teacher is {args.checkpoint} without its settings {carried}; a recovered "
+                  "checkpoint's weights are not the original model's, so pass --teacher ORIGINAL.pth to distil "
+                  "from the model it was reduced from")
     from .spec import check_setting
 
-    check_setting(teacher, setting, args.settings)
-    transform, config = resolve_transform(teacher)
+    check_setting(start, setting, args.settings)
+    transform, config = resolve_transform(start)
     if args.augment:
         from .evaluate.data import light_augmentation
 
         transform = light_augmentation(config)
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
-    model = apply_setting(copy.deepcopy(teacher), setting)
+    model = apply_setting(copy.deepcopy(start), setting)
     result = recover(model, teacher, data, method=args.method, steps=args.steps, lr=args.lr,
                      batch_size=args.batch_size, ce_weight=args.ce_weight, num_workers=args.workers,
                      lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, mixup=args.mixup,
                      feature_weight=args.feature_weight, temperature=args.temperature, seed=args.seed,
-                     state_path=args.state or args.out + ".state", progress=not args.quiet)
+                     state_path=state_path, progress=not args.quiet,
+                     run_info={"settings": format_setting(setting), "model": name, "augment": bool(args.augment)})
     token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
-    ckpt_kwargs = _checkpoint_identity(teacher, args)
+    ckpt_kwargs = _checkpoint_identity(start, args)
     save_checkpoint(model, args.out, ckpt_kwargs["name"], ckpt_kwargs["kwargs"],
                     {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
                      if k in config},
                     extra={"recovered_from": format_setting(setting), "method": args.method, "steps": result.steps,
                            "augment": bool(args.augment), "mixup": args.mixup, "ce_weight": args.ce_weight,
                            "feature_weight": args.feature_weight, "temperature": args.temperature,
-                           "images": result.images, "minutes": round(result.seconds / 60, 2)},
+                           "images": result.images, "minutes": round(result.seconds / 60, 2),
+                           "teacher": args.teacher or args.checkpoint or args.model},
                     settings=format_setting(token_setting) if token_setting else None)
     print(f"recovered {format_setting(setting)} with {args.method}: {result.steps} steps on {result.images} images, "
           f"{result.trainable} trained parameters, {result.seconds / 60:.1f} min; loss {result.losses[0]:.4f} -> "
@@ -464,8 +528,10 @@ def run_vis_cmd(args: argparse.Namespace) -> None:
     from .timm_vit import trace_merges
     from .vis import merge_picture, patch_tokens, save_grid, token_counts, unnormalize
 
+    if not args.out.lower().endswith(".png"):
+        args.out += ".png"  # what matplotlib would write: say the file that is really there
     _check_output_file(args.out, "--out")
-    model, settings = _load_model_and_settings(args)
+    model, _, settings = _load_model_and_settings(args)
     transform, config = resolve_transform(model)
     data = subset(open_dataset(args.data, transform), args.images, args.seed)
     x = torch.stack([data[i][0] for i in range(len(data))])
@@ -533,12 +599,17 @@ def _check_common(args: argparse.Namespace) -> None:
         if kind == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
     for flag in ("threads", "batch_size", "bench_batch_size", "rounds", "epochs", "limit", "train_images",
-                 "test_images"):
+                 "test_images", "img_size", "holdout", "steps", "lora_rank", "images"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if getattr(args, "workers", 0) < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    rounds = getattr(args, "rounds", None)
+    if rounds is not None and rounds < 15:
+        raise ValueError(f"--rounds must be >= 15 (fewer rounds give no meaningful interval), got {rounds}")
+    for flag in ("workers", "ce_weight", "mixup", "feature_weight"):
+        value = getattr(args, flag, None)
+        if value is not None and not value >= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -559,7 +630,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         run_vis_cmd(args)
     elif args.command == "demo":
         from .demo import run_demo
+        from .demo.train import create_demo_model
+        from .spec import check_setting, parse_setting
 
+        shape_only = create_demo_model()
+        for text in args.settings:
+            check_setting(shape_only, parse_setting(text), text)  # refused now, not after the training
         run_demo(args.out, args.settings, args.train_images, args.test_images, args.epochs, args.retrain,
                  args.rounds, args.batch_size)
 
@@ -585,6 +661,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         message = str(e).strip() or type(e).__name__
         if isinstance(e, KeyError):
             message = f"missing key {message}"
+        if "DataLoader worker process" in message and "Original Traceback" in message:
+            message = message.splitlines()[-1]  # the worker's error itself, not its traceback
         print(f"tokenslim {args.command}: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2)
 

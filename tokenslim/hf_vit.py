@@ -282,8 +282,19 @@ def _patched_class(base_cls: type, family: Dict[str, Any]) -> type:
             "__doc__": f"A {base_cls.__name__} patched by tokenslim (see tokenslim.patch).",
             "__module__": __name__,
         }
+        attrs["__qualname__"] = f"TokenSlim{base_cls.__name__}"
         _PATCHED[base_cls] = type(f"TokenSlim{base_cls.__name__}", (_TokenSlimHF, base_cls), attrs)
     return _PATCHED[base_cls]
+
+
+def __getattr__(name: str) -> type:
+    """The patched classes by name, made on demand: ``pickle`` finds ``TokenSlimViTModel`` and its
+    siblings here when it loads a saved patched model in a fresh process."""
+    if name.startswith("TokenSlim"):
+        for base_cls, family in _family_table().items():
+            if f"TokenSlim{base_cls.__name__}" == name:
+                return _patched_class(base_cls, family)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _original_class(cls: type) -> Optional[type]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ def load_checkpoint(path: str) -> nn.Module:
     return _build(obj, path)
 
 
-def _build(obj: dict, path: str) -> nn.Module:
+def _build(obj: dict, path: str, apply_settings: bool = True) -> nn.Module:
     import timm
 
     model = timm.create_model(obj["model_name"], pretrained=False, **obj["model_kwargs"])
@@ -115,7 +115,7 @@ def _build(obj: dict, path: str) -> nn.Module:
     _load_state(model, obj["state_dict"], path, obj["model_name"])
     if obj["data_config"]:
         model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", None) or {}), **obj["data_config"]}
-    if obj.get("settings"):
+    if obj.get("settings") and apply_settings:
         from .spec import apply_setting, parse_setting
 
         apply_setting(model, parse_setting(obj["settings"]))
@@ -167,6 +167,43 @@ def _offline_hub_if_unreachable(pretrained: bool) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
+def load_baseline(
+    name: Optional[str] = None,
+    pretrained: bool = False,
+    checkpoint_path: Optional[str] = None,
+    **kwargs: Any,
+) -> Tuple[nn.Module, Optional[str]]:
+    """The model *without* the token-reduction settings its checkpoint carries, and those settings.
+
+    A recovered or tuned checkpoint loads already reduced through :func:`create_model`; comparing
+    it with "the unpatched model" would compare it with itself. The tools load it through this
+    function instead: the weights unreduced are the baseline and the carried settings (settings
+    text, ``None`` when there are none) are evaluated as the row they name. Channel pruning stays:
+    it is the architecture of the saved weights.
+    """
+    return _create(name, pretrained, checkpoint_path, False, **kwargs)
+
+
+def architecture(model: nn.Module, default: Optional[str] = None) -> Optional[str]:
+    """The timm architecture name ``model`` was built as (its ``pretrained_cfg``), else ``default``."""
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or default
+
+
+def _check_checkpoint_path(path: str) -> None:
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--checkpoint {path} is a folder; pass the checkpoint file inside it "
+                                "(e.g. a .pth saved by tokenslim or timm)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+
+
+def _check_name(name: Optional[str], obj: dict, path: str) -> None:
+    """A model name given beside a tokenslim checkpoint must be the one it builds."""
+    if name is not None and name != obj["model_name"]:
+        raise ValueError(f"checkpoint {path} builds {obj['model_name']}, not {name}: leave out the model name "
+                         "(a tokenslim checkpoint names its own) or pass the matching one")
+
+
 def create_model(
     name: Optional[str] = None,
     pretrained: bool = False,
@@ -175,19 +212,27 @@ def create_model(
 ) -> nn.Module:
     """Create a model in eval mode from a timm name, pretrained weights and/or a checkpoint file.
 
-    * ``checkpoint_path`` to a tokenslim checkpoint: rebuilt from it (``name`` may be omitted).
+    * ``checkpoint_path`` to a tokenslim checkpoint: rebuilt from it (``name`` may be omitted, or
+      must be the architecture it builds), with the token-reduction settings it carries applied
+      (:func:`load_baseline` leaves them off).
     * ``checkpoint_path`` to a timm/PyTorch state dict: ``timm.create_model(name, checkpoint_path=...)``.
     * ``pretrained=True``: timm downloads (or finds cached) weights; without network the error
       says how to pass a local checkpoint instead.
     """
+    return _create(name, pretrained, checkpoint_path, True, **kwargs)[0]
+
+
+def _create(name: Optional[str], pretrained: bool, checkpoint_path: Optional[str], apply_settings: bool,
+            **kwargs: Any) -> Tuple[nn.Module, Optional[str]]:
+    """The model and the settings text its tokenslim checkpoint carries (applied or not)."""
     import timm
 
     if checkpoint_path is not None:
-        if not os.path.isfile(checkpoint_path):
-            raise FileNotFoundError(f"no such checkpoint: {checkpoint_path}")
+        _check_checkpoint_path(checkpoint_path)
         obj = _read_tokenslim_checkpoint(checkpoint_path)
         if obj is not None:
-            return _build(obj, checkpoint_path)
+            _check_name(name, obj, checkpoint_path)
+            return _build(obj, checkpoint_path, apply_settings), obj.get("settings") or None
         if name is None:
             raise ValueError(f"{checkpoint_path} is a plain state dict: also pass the timm model name")
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -200,12 +245,12 @@ def create_model(
                 f"checkpoint {checkpoint_path} does not fit model {name}: {str(e).strip().splitlines()[-1]}. "
                 "Check the model name and its arguments (num_classes, img_size, ...)."
             ) from None
-        return model.eval()
+        return model.eval(), None
     if name is None:
         raise ValueError("pass a timm model name or a checkpoint path")
     try:
         with _offline_hub_if_unreachable(pretrained):
-            return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+            return timm.create_model(name, pretrained=pretrained, **kwargs).eval(), None
     except (OSError, ConnectionError, RuntimeError) as e:
         if not pretrained:
             raise

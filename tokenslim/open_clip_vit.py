@@ -124,6 +124,23 @@ def _vision_tower(model: nn.Module):
     return None, None
 
 
+def _patched_transformer() -> type:
+    """open_clip's ``Transformer`` with tokenslim's blocks, made once."""
+    from open_clip.transformer import Transformer
+
+    if Transformer not in _PATCHED:
+        _PATCHED[Transformer] = type("TokenSlimOpenCLIPTransformer", (TokenSlimTransformer, Transformer),
+                                     {"__module__": __name__, "__qualname__": "TokenSlimOpenCLIPTransformer"})
+    return _PATCHED[Transformer]
+
+
+def __getattr__(name: str) -> type:
+    """The patched class by name, made on demand, so ``pickle`` can load a saved patched model."""
+    if name == "TokenSlimOpenCLIPTransformer":
+        return _patched_transformer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def patch(model: nn.Module, **settings: Any) -> nn.Module:
     """Patch an open_clip model (``CLIP``, ``CustomTextCLIP``, ...) or its ``visual`` tower in place.
 
@@ -161,10 +178,7 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
     pools_patches = tower.attn_pool is not None or tower.pool_type != "tok"
     reduction = ReductionSettings(len(transformer.resblocks), has_class_token=True, pools_patches=pools_patches,
                                   **settings)
-    if Transformer not in _PATCHED:
-        _PATCHED[Transformer] = type("TokenSlimOpenCLIPTransformer", (TokenSlimTransformer, Transformer),
-                                     {"__module__": __name__})
-    transformer.__class__ = _PATCHED[Transformer]
+    transformer.__class__ = _patched_transformer()
     transformer.tokenslim = reduction
     model.tokenslim = reduction
     if tower is not model:

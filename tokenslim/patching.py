@@ -101,3 +101,25 @@ def unpatch(model: nn.Module) -> nn.Module:
 def is_patched(model: nn.Module) -> bool:
     """Whether ``model`` (or the vision model inside it) is currently patched by tokenslim."""
     return adapter_for(model).is_patched(model)
+
+
+def _timm_only(model: nn.Module, what: str) -> ModuleType:
+    adapter = adapter_for(model)
+    if not hasattr(adapter, what):
+        raise TypeError(
+            f"{what} reads timm ViTs; {type(model).__name__} is handled by the {adapter.__name__.split('.')[-1]} "
+            "adapter, which does not offer it. Token counts from the settings alone: "
+            "model.tokenslim.plan(num_tokens, num_prefix_tokens)")
+    return adapter
+
+
+def token_plan(model: nn.Module, img_size: Optional[Union[int, Sequence[int]]] = None):
+    """Tokens entering each block for one input size, from the settings alone (timm ViTs; see
+    :func:`tokenslim.timm_vit.token_plan`). Other frameworks' models get a clear ``TypeError``."""
+    return _timm_only(model, "token_plan").token_plan(model, img_size)
+
+
+def trace_merges(model: nn.Module, images):
+    """Which patches each token holds after a patched timm ViT's blocks (see
+    :func:`tokenslim.timm_vit.trace_merges`). Other frameworks' models get a clear ``TypeError``."""
+    return _timm_only(model, "trace_merges").trace_merges(model, images)

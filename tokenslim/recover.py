@@ -31,7 +31,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,7 @@ def recover(
     save_every: int = 50,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    run_info: Optional[Dict[str, Any]] = None,
 ) -> RecoverResult:
     """Distil the unpatched ``teacher`` into the reduced ``model`` by tuning a few parameters.
 
@@ -148,7 +149,12 @@ def recover(
         temperature: distillation temperature ``T``: both output distributions are softened by
             ``T`` and the KL is scaled by ``T**2`` (Hinton et al.), so the teacher's ranking of the
             wrong classes, not only its top class, is matched. 1.0 is the plain KL.
-        state_path: resume file, written every ``save_every`` steps and at the end.
+        state_path: resume file, written every ``save_every`` steps and at the end. A rerun resumes
+            it only when it is the same run (:func:`tokenslim.fingerprint.fingerprint`): the same
+            teacher and starting weights (by content), reduction, data (items, picks and transform)
+            and options; anything else is refused before training, naming what differs.
+        run_info: further JSON values that identify the run in the resume check (the CLI passes
+            the settings text, the model name and ``augment``).
         progress: a tqdm bar with the running loss (on a terminal).
 
     Returns:
@@ -164,6 +170,10 @@ def recover(
         raise ValueError("steps, batch_size and save_every must be >= 1")
     if not mixup >= 0:
         raise ValueError(f"mixup is the Beta parameter of the blend and must be >= 0 (0: off), got {mixup}")
+    if not ce_weight >= 0:
+        raise ValueError(f"ce_weight must be >= 0 (0: distillation alone), got {ce_weight}")
+    if method.startswith("lora") and not (isinstance(lora_rank, int) and lora_rank >= 1):
+        raise ValueError(f"lora_rank must be a whole number >= 1, got {lora_rank}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (1.0: the plain KL), got {temperature}")
     if not feature_weight >= 0:
@@ -190,6 +200,18 @@ def recover(
         raise ValueError(f"the teacher's outputs have shape {tuple(t_out.shape[1:])}, the model's "
                          f"{tuple(s_out.shape[1:])}: distillation needs the same classes")
     use_ce = ce_weight > 0 and _labels_fit(data, s_out.shape[-1])
+
+    # What a resumed run must share with the interrupted one, or the result mixes two runs: weights
+    # by content (before any adapter is attached), the reduction, the data and every option.
+    from .fingerprint import fingerprint, weights_digest
+
+    reduction = getattr(model, "tokenslim", None)
+    identity = fingerprint(
+        model, data, teacher=weights_digest(teacher), method=method, steps=steps,
+        reduction=reduction.as_dict() if hasattr(reduction, "as_dict") else None,
+        lr=lr, batch_size=batch_size, weight_decay=weight_decay, ce_weight=ce_weight, mixup=mixup,
+        feature_weight=feature_weight, temperature=temperature, seed=seed, lora_rank=lora_rank if uses_lora else None,
+        lora_alpha=lora_alpha if uses_lora else None, **(run_info or {}))
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -219,41 +241,49 @@ def recover(
             return lr * (step + 1) / warmup
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
+    if state_path:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(state_path)), exist_ok=True)
+            with open(state_path + ".tmp", "ab"):
+                pass  # written for real every save_every steps: find out now, not after them
+            os.remove(state_path + ".tmp")
+        except OSError as e:
+            raise ValueError(f"the recovery state {state_path} cannot be written ({e.strerror or e}); pass another "
+                             "state path (--state)") from None
     g = torch.Generator().manual_seed(seed)
-    step, losses, resume_batch = 0, [], 0
-    # What a resumed run must share with the interrupted one, or the result mixes two objectives.
-    options = {"lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "ce_weight": ce_weight,
-               "mixup": mixup, "feature_weight": feature_weight, "temperature": temperature, "seed": seed,
-               "images": len(data)}
+    step, losses, resume_batch, epoch = 0, [], 0, 0
     if state_path and os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("method") != method or state.get("steps") != steps or set(state["params"]) != set(params):
-            raise ValueError(f"{state_path} belongs to another recovery run (method, steps or parameters differ); "
-                             "delete it or pass another state path")
-        changed = {k: (v, options.get(k)) for k, v in state.get("options", options).items() if options.get(k) != v}
-        if changed:
-            listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"{state_path} was written by a run with other options ({listed}); resume with the "
-                             "same options, or delete it to start over")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise ValueError(f"the recovery state {state_path} cannot be read ({type(e).__name__}); delete it to "
+                             "start over") from None
+        from .fingerprint import check_same_run
+
+        check_same_run(state.get("run"), identity, f"the recovery state {state_path}",
+                       "Resume with the same command, or delete the file to start over")
+        if set(state["params"]) != set(params):
+            raise ValueError(f"{state_path} trains other parameters than this run; delete it to start over")
         with torch.no_grad():
             for n, v in state["params"].items():
                 params[n].copy_(v)
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])  # as at the start of the interrupted epoch
-        step, losses, resume_batch = state["step"], state["losses"], state["batch"]
+        step, losses, resume_batch, epoch = state["step"], state["losses"], state["batch"], state["epoch"]
         say(f"resuming recovery from {state_path} at step {step}/{steps}")
 
-    def save(epoch_state: torch.Tensor, batch: int) -> None:
+    def save(epoch_state: torch.Tensor, batch: int, epoch_index: int) -> None:
         if not state_path:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(state_path)), exist_ok=True)
         tmp = state_path + ".tmp"
-        torch.save({"method": method, "steps": steps, "options": options, "step": step, "losses": losses,
-                    "generator": epoch_state,
-                    "batch": batch,
-                    "params": {n: p.detach().clone() for n, p in params.items()},
-                    "optimizer": opt.state_dict()}, tmp)
-        os.replace(tmp, state_path)
+        try:
+            torch.save({"method": method, "steps": steps, "run": identity, "step": step, "losses": losses,
+                        "generator": epoch_state, "batch": batch, "epoch": epoch_index,
+                        "params": {n: p.detach().clone() for n, p in params.items()},
+                        "optimizer": opt.state_dict()}, tmp)
+            os.replace(tmp, state_path)
+        except OSError as e:
+            raise ValueError(f"cannot write the recovery state {state_path}: {e.strerror or e}") from None
 
     taps = _ClassTokenTaps(teacher, model) if feature_weight > 0 else None
 
@@ -273,7 +303,8 @@ def recover(
             usable = len(order) - (len(order) % batch_size if len(order) > batch_size else 0)
             batches = [order[i:i + batch_size] for i in range(0, usable, batch_size)]
             first, resume_batch = resume_batch, 0
-            loader = DataLoader(data, batch_sampler=batches[first:], num_workers=num_workers)
+            items = _SeededItems(data, seed, epoch)  # random augmentation drawn per image: resumable
+            loader = DataLoader(items, batch_sampler=batches[first:], num_workers=num_workers)
             for batch_index, (images, labels) in enumerate(loader, first + 1):
                 if step >= steps:
                     break
@@ -306,9 +337,10 @@ def recover(
                     losses.append(sum(window) / len(window))
                     window = []
                     if batch_index < len(batches):
-                        save(epoch_state, batch_index)
+                        save(epoch_state, batch_index, epoch)
                     else:
-                        save(g.get_state(), 0)  # the epoch is done: resume at the next one
+                        save(g.get_state(), 0, epoch + 1)  # the epoch is done: resume at the next one
+            epoch += 1
     finally:
         bar.close()
         if taps is not None:
@@ -328,6 +360,31 @@ def recover(
         raise RuntimeError(f"recovery changed the model's parameters (e.g. {extra}); please report this")
     trainable = sum(p.numel() for p in params.values())
     return RecoverResult(method, step, len(data), losses, time.perf_counter() - start, trainable)
+
+
+class _SeededItems(Dataset):
+    """``data`` with each item's random transform drawn from a seed of its own (run seed, epoch,
+    index): two identical runs see identical augmented images, a resumed run sees what the
+    uninterrupted one would have, whatever the worker count. The caller's random state is kept."""
+
+    def __init__(self, data: Dataset, seed: int, epoch: int) -> None:
+        self.data, self.seed, self.epoch = data, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        import random
+
+        item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        saved = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed)
+                random.seed(item_seed)  # timm's random-resized crop draws from Python's generator
+                return self.data[index]
+        finally:
+            random.setstate(saved)
 
 
 class _ClassTokenTaps:

@@ -302,6 +302,10 @@ class ReductionSettings:
                 owner = {"threshold": "ppt", "margin": "pitome"}[name]
                 raise ValueError(f"{name}= is an option of method={owner!r}, not of method={self._method.name!r}")
             value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+            if name == "threshold" and value < 0:
+                raise ValueError(f"threshold is a variance and must be >= 0, got {value}")
         self._options = {**self._options, name: value}
 
     @property
@@ -428,6 +432,9 @@ class ReductionSettings:
         return any(self._r_schedule) or any(rate < 1.0 for rate in self.keep_rates)
 
     def __setattr__(self, name: str, value) -> None:
+        if not name.startswith("_") and not isinstance(getattr(type(self), name, None), property):
+            known = sorted(n for n, v in vars(type(self)).items() if isinstance(v, property) and v.fset is not None)
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}; the settings are {', '.join(known)}")
         # Every setting change invalidates the plans computed for the old settings.
         if not name.startswith("_") and "_plans" in self.__dict__:
             self._plans = {}

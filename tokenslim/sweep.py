@@ -12,13 +12,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .evaluate import evaluate
-from .measure.table import benchmark_settings
+from .fingerprint import check_same_run, fingerprint
+from .journal import append_jsonl, read_jsonl
+from .measure.table import format_number, benchmark_settings
 from .spec import apply_setting, format_setting, parse_setting
 
 CSV_COLUMNS = (
     "setting", "top1", "top5", "agreement", "top1_diff", "top1_diff_se", "kl", "gmacs", "params_m", "mac_ratio",
     "throughput_ratio", "throughput_ratio_low", "throughput_ratio_high", "efficiency", "latency_ratio",
-    "step_ms", "latency_ms", "images", "pareto",
+    "step_ms", "latency_ms", "images", "pareto", "error",
 )
 
 
@@ -59,29 +61,14 @@ def read_rows(path: str, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Finished rows of an earlier run of the same sweep in the JSONL file ``path``, by setting.
 
     Raises:
-        ValueError: the file holds rows of a different run (other model, data or timing options).
+        ValueError: the file holds rows of a different run (other weights, data or options; see
+            :func:`tokenslim.fingerprint.check_same_run`).
     """
     done: Dict[str, Dict[str, Any]] = {}
-    if not os.path.isfile(path):
-        return done
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed while writing leaves at most a torn last line: it is redone.
-                continue
-            if row.get("run") != run:
-                theirs = row.get("run") or {}
-                differ = sorted(k for k in set(run) | set(theirs) if run.get(k) != theirs.get(k))
-                raise ValueError(
-                    f"{path}:{lineno} holds results of a different sweep ({', '.join(differ) or 'unknown'} "
-                    "differ); pass --fresh (fresh=True) to start over, or write to another --out"
-                )
-            done[row["setting"]] = row
+    for lineno, row in read_jsonl(path):
+        check_same_run(row.get("run"), run, f"{path}:{lineno}",
+                       "pass --fresh (fresh=True) to start over, or write to another --out")
+        done[row["setting"]] = row
     return done
 
 
@@ -105,16 +92,21 @@ def run_sweep(
     model first, with a ``pareto`` flag for the accuracy/throughput front.
 
     Nothing finished is lost: with ``jsonl_path`` each setting's row is appended to that file the
-    moment it is done, and a rerun with the same ``run`` description (model, data, options) skips
-    the settings already there. ``fresh=True`` deletes the file first. Repeated settings run once.
+    moment it is done, and a rerun of the same run skips the settings already there. The same run
+    means the same :func:`tokenslim.fingerprint.fingerprint`: the model's weights, the data and the
+    options in ``run`` (timing and evaluation options that change a result); another run's file is
+    refused, naming what differs. ``fresh=True`` deletes the file first. Repeated settings run once.
     """
     say = progress or (lambda msg: None)
     eval_kwargs = dict(eval_kwargs or {})
     bench_kwargs = dict(bench_kwargs or {})
+    from .measure.benchmark import check_options
+
+    check_options(model, **bench_kwargs)  # timing options are refused now, not after the accuracy pass
     names, duplicates = dedupe_settings(settings)
     if duplicates:
         say(f"skipping repeated settings: {', '.join(duplicates)}")
-    run = dict(run or {"model": model_name})
+    run = fingerprint(model, data, **{"model": model_name, **(run or {})})
     done: Dict[str, Dict[str, Any]] = {}
     if jsonl_path:
         os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
@@ -134,8 +126,7 @@ def run_sweep(
     def write(row: Dict[str, Any]) -> None:
         rows[row["setting"]] = row
         if jsonl_path:
-            with open(jsonl_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(jsonl_path, row)
 
     for i, name in enumerate(names):
         if name in done:
@@ -183,9 +174,10 @@ def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:
         tp = f"{r['throughput_ratio']:.2f} [{r['throughput_ratio_low']:.2f},{r['throughput_ratio_high']:.2f}]"
         mark = "*" if r.get("pareto") else " "
         lat = f"{r['latency_ratio']:8.2f}" if r.get("latency_ratio") is not None else f"{'-':>8}"
-        lines.append(f"{mark}{r['setting']:<37} {r['top1']:6.2f} {diff:>14} {agree} {r['gmacs']:7.3f} "
-                     f"{r['mac_ratio']:6.2f} {tp:>20} {r['efficiency']:5.2f} {lat}")
-    return "\n".join(lines)
+        lines.append(f"{mark}{r['setting']:<37} {r['top1']:6.2f} {diff:>14} {agree} {format_number(r['gmacs'], 7, 3)} "
+                     f"{format_number(r['mac_ratio'], 6, 2)} {tp:>20} {format_number(r['efficiency'], 5, 2)} {lat}")
+    errors = [f"{r['setting']}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(lines + errors)
 
 
 def write_csv(rows: Sequence[Dict[str, Any]], path: str) -> None:

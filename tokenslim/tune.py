@@ -50,6 +50,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .evaluate import evaluate
+from .fingerprint import check_same_run, fingerprint
+from .journal import append_jsonl, read_jsonl
 from .measure.benchmark import compare
 from .measure.macs import count_macs
 from .schedule import parse_r
@@ -102,6 +104,14 @@ class TuneResult:
     seconds: float
     files: Dict[str, str] = field(default_factory=dict)
 
+    @property
+    def reached(self) -> Optional[bool]:
+        """Whether the chosen setting re-measured at or above the target speed-up (``None`` with
+        ``max_drop``, which has no speed target)."""
+        if self.target is None or self.best.throughput_ratio is None:
+            return None
+        return self.best.throughput_ratio >= self.target
+
 
 class _Journal:
     """Append-only record of evaluations and timings, replayed on a rerun."""
@@ -115,24 +125,16 @@ class _Journal:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if fresh and os.path.exists(path):
             os.remove(path)
-        if os.path.isfile(path):
-            with open(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a torn last line from a kill
-                    if row.get("run") != run:
-                        raise ValueError(f"{path}:{lineno} was written by another tuning run (other model, data or "
-                                         "options); pass fresh=True (--fresh) or another output folder")
-                    (self.timings if row["kind"] == "timing" else self.evals)[row["setting"]] = row
+        for lineno, row in read_jsonl(path):
+            check_same_run(row.get("run"), run, f"{path}:{lineno}",
+                           "pass fresh=True (--fresh) to start over, or another output folder")
+            (self.timings if row["kind"] == "timing" else self.evals)[row["setting"]] = row
 
     def add(self, kind: str, setting: str, values: dict) -> None:
         row = {"kind": kind, "setting": setting, **values, "run": self.run}
         (self.timings if kind == "timing" else self.evals)[setting] = row
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(self.path, row)
 
 
 SEARCH_SPACES = ("merge", "prune", "mlp")
@@ -253,10 +255,9 @@ def tune(
     start = time.perf_counter()
     deadline = start + 60.0 * budget_min
     depth = len(model.blocks)
-    run = {"target": speedup, "max_drop": max_drop, "methods": list(methods), "step": step, "search": list(search),
-           "margin": margin,
-           "batch_size": batch_size, "img_size": img_size, "precision": precision, "images": len(data),
-           **(run_info or {})}
+    run = fingerprint(model, data, target=speedup, max_drop=max_drop, methods=list(methods), step=step,
+                      search=list(search), margin=margin, batch_size=batch_size, img_size=img_size,
+                      precision=precision, rounds=rounds, method_options=method_options, **(run_info or {}))
     journal = _Journal(os.path.join(out_dir, "candidates.jsonl") if out_dir else None, run, fresh)
 
     eval_kw = dict(batch_size=eval_batch_size, num_workers=num_workers, device=device, progress=False)
@@ -554,7 +555,7 @@ def _write(result: TuneResult, out_dir: str) -> Dict[str, str]:
             writer.writerow(asdict(c))
     with open(paths["json"], "w") as f:
         json.dump({"setting": result.setting, "best": asdict(result.best), "target": result.target,
-                   "max_drop": result.max_drop, "seconds": round(result.seconds, 1),
+                   "reached": result.reached, "max_drop": result.max_drop, "seconds": round(result.seconds, 1),
                    "candidates": len(seen)}, f, indent=2)
     png = os.path.join(out_dir, "candidates.png")
     if candidates_png(list(seen.values()), result.best, png):

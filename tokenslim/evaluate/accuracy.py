@@ -155,7 +155,9 @@ def evaluate(
         counts[0] += int(c1.sum())
         counts[1] += int((top5 == target[:, None]).any(-1).sum())
         counts[2] += images.shape[0]
-        sums[0] += float(F.cross_entropy(logits, target, reduction="sum").double())
+        labelled = (target >= 0) & (target < logits.shape[-1])  # unlabelled images (e.g. -1) add no loss
+        if bool(labelled.any()):
+            sums[0] += float(F.cross_entropy(logits[labelled], target[labelled], reduction="sum").double())
         if keep_logits:
             kept.append(logits.cpu())
         if reference is not None or reference_logits is not None:

@@ -252,6 +252,27 @@ def _ratios(times: Dict[str, List[float]], baseline: str, confidence: float) -> 
     return out
 
 
+def check_options(
+    model: nn.Module,
+    batch_size: int = 32,
+    img_size: Optional[Union[int, Tuple[int, int]]] = None,
+    rounds: int = 15,
+    steps_per_round: int = 1,
+    precision: str = "float32",
+    **_: object,
+) -> None:
+    """Refuse timing options :func:`compare` would refuse, before a caller's longer work (a sweep's
+    accuracy pass, a tune search) starts instead of after it."""
+    if rounds < 15:
+        raise ValueError(f"rounds must be >= 15 for a meaningful interval, got {rounds}")
+    if batch_size < 1 or steps_per_round < 1:
+        raise ValueError(f"batch_size and steps_per_round must be >= 1, got {batch_size} and {steps_per_round}")
+    resolve_precision(precision)
+    from ..input_size import resolve_img_size
+
+    resolve_img_size(model, img_size)
+
+
 def compare(
     models: Mapping[str, nn.Module],
     baseline: Optional[str] = None,

@@ -63,7 +63,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
     memo = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        # No gradients on the copy: FlopCounterMode's module tracker hooks autograd on any tensor that
+        # requires one, and fails on views of such leaves made under no_grad (attention-pool latents).
+        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
 
 

@@ -53,7 +53,9 @@ def cluster(metric: torch.Tensor, r: int, linkage: str = "complete") -> torch.Te
         return parent
     # fp32: under bf16/fp16 near-ties would otherwise decide the clustering.
     unit = F.normalize(metric.float(), dim=-1)
-    sim = unit @ unit.transpose(-1, -2)
+    # A non-finite image (NaN keys) would make every comparison false and a cluster join itself;
+    # below any cosine, such pairs still join in a valid order, and that image's output stays NaN.
+    sim = torch.nan_to_num(unit @ unit.transpose(-1, -2), nan=-2.0, posinf=-2.0, neginf=-2.0)
     sim[:, tokens, tokens] = -torch.inf
     rows = torch.arange(batch, device=device)
     count = torch.ones(batch, n, device=device) if linkage == "average" else None
