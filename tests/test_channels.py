@@ -7,7 +7,7 @@ import torch
 
 import tokenslim
 from conftest import images, make_model
-from tokenslim.channels import has_masks, importance, plan_channels
+from tokenslim.adapters.timm_channels import has_masks, importance, plan_channels
 from tokenslim.measure import count_macs
 from tokenslim.ops.masks import kept_channels, kept_heads, top_mask
 

@@ -151,7 +151,7 @@ def test_distilled_prefix_order_kept():
 
 
 def test_sdpa_log_size_mask_equals_explicit_softmax():
-    from tokenslim.timm_vit import attention_forward
+    from tokenslim.adapters.timm_vit import attention_forward
 
     model = make_model("qk_norm")
     attn = model.blocks[0].attn

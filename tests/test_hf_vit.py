@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers", reason="the transformers extr
 import timm  # noqa: E402
 
 import tokenslim  # noqa: E402
-from tokenslim.hf_vit import check_transformers_version  # noqa: E402
+from tokenslim.adapters.hf_vit import check_transformers_version  # noqa: E402
 
 DIM, DEPTH, HEADS, IMG, PATCH, CLASSES = 48, 4, 3, 32, 4, 10
 COMMON = dict(hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, image_size=IMG, patch_size=PATCH,

@@ -35,7 +35,7 @@ def test_double_patch_does_not_stack_and_r_changes_at_runtime():
         tokenslim.patch(model, r=8)
         tokenslim.patch(model, r=4)
         from timm.models.vision_transformer import VisionTransformer
-        from tokenslim.timm_vit import TokenSlimVisionTransformer
+        from tokenslim.adapters.timm_vit import TokenSlimVisionTransformer
 
         # Patching three times leaves one level of patch class over timm's class.
         assert type(model) is TokenSlimVisionTransformer
@@ -280,7 +280,7 @@ def test_bad_arguments():
 
 
 def test_timm_version_check():
-    from tokenslim.timm_vit import check_timm_version
+    from tokenslim.adapters.timm_vit import check_timm_version
 
     check_timm_version(timm.__version__)
     with pytest.raises(RuntimeError, match="pip install"):

@@ -6,11 +6,11 @@ The one-liner::
     model = timm.create_model("vit_base_patch16_224", pretrained=True)
     tokenslim.patch(model, r=16)   # ToMe: merge 16 tokens in every block
 """
-from .channels import ChannelPlan, apply_masks, materialize, plan_channels, prune_channels, remove_masks, restore_channels
+from .adapters.timm_channels import ChannelPlan, apply_masks, materialize, plan_channels, prune_channels, remove_masks, restore_channels
 from .ops import source_matrix, unmerge
 from .schedule import ReductionSettings, RSpec, TokenPlan, parse_r, plan_tokens
 from .patching import is_patched, patch, token_plan, trace_merges, unpatch
-from .timm_vit import MergeTrace
+from .adapters.timm_vit import MergeTrace
 
 __version__ = "0.1.0"
 

@@ -84,7 +84,7 @@ def run_macs(args: argparse.Namespace) -> None:
 
     from .measure.macs import UNIT, count_macs
     from .spec import apply_setting, format_setting, parse_setting
-    from .timm_vit import token_plan
+    from .adapters.timm_vit import token_plan
 
     import timm
 
@@ -525,7 +525,7 @@ def run_vis_cmd(args: argparse.Namespace) -> None:
 
     from .evaluate import open_dataset, resolve_transform, subset
     from .spec import apply_setting, format_setting
-    from .timm_vit import trace_merges
+    from .adapters.timm_vit import trace_merges
     from .vis import merge_picture, patch_tokens, save_grid, token_counts, unnormalize
 
     if not args.out.lower().endswith(".png"):

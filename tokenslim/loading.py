@@ -109,7 +109,7 @@ def _build(obj: dict, path: str, apply_settings: bool = True) -> nn.Module:
 
     model = timm.create_model(obj["model_name"], pretrained=False, **obj["model_kwargs"])
     if obj.get("channels"):
-        from .channels import restore_channels
+        from .adapters.timm_channels import restore_channels
 
         restore_channels(model, obj["channels"])
     _load_state(model, obj["state_dict"], path, obj["model_name"])

@@ -1,8 +1,8 @@
 """``tokenslim.patch`` / ``unpatch`` / ``is_patched`` for every supported framework.
 
 Each framework has one adapter module that wires the shared ops into its modules:
-:mod:`tokenslim.timm_vit` (timm), :mod:`tokenslim.hf_vit` (Hugging Face ``transformers``) and
-:mod:`tokenslim.open_clip_vit` (``open_clip``). This module only picks the adapter from the
+:mod:`tokenslim.adapters.timm_vit` (timm), :mod:`tokenslim.adapters.hf_vit` (Hugging Face ``transformers``) and
+:mod:`tokenslim.adapters.open_clip_vit` (``open_clip``). This module only picks the adapter from the
 model's package; the optional frameworks are imported only when a model of theirs is passed.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from .schedule import DEFAULT_PRUNE_LAYERS, RSpec
 def _package(model: nn.Module) -> str:
     for cls in type(model).__mro__:
         module = cls.__module__ or ""
-        if module.startswith("tokenslim.hf_vit"):
+        if module.startswith("tokenslim.adapters.hf_vit"):
             return "transformers"
-        if module.startswith("tokenslim.open_clip_vit"):
+        if module.startswith("tokenslim.adapters.open_clip_vit"):
             return "open_clip"
         if module.startswith("transformers."):
             return "transformers"
@@ -40,14 +40,14 @@ def adapter_for(model: nn.Module) -> ModuleType:
     if package == "timm" and _holds(model, "open_clip"):
         package = "open_clip"
     if package == "transformers":
-        from . import hf_vit
+        from .adapters import hf_vit
 
         return hf_vit
     if package == "open_clip":
-        from . import open_clip_vit
+        from .adapters import open_clip_vit
 
         return open_clip_vit
-    from . import timm_vit
+    from .adapters import timm_vit
 
     return timm_vit
 
@@ -65,9 +65,9 @@ def patch(
 ) -> nn.Module:
     """Patch a Vision Transformer in place for token merging and/or pruning.
 
-    Accepts timm ViTs (:func:`tokenslim.timm_vit.patch`), ``transformers`` ViT / DeiT / DINOv2 /
-    CLIP vision models (:func:`tokenslim.hf_vit.patch`) and ``open_clip`` models or vision towers
-    (:func:`tokenslim.open_clip_vit.patch`), with the same settings everywhere.
+    Accepts timm ViTs (:func:`tokenslim.adapters.timm_vit.patch`), ``transformers`` ViT / DeiT / DINOv2 /
+    CLIP vision models (:func:`tokenslim.adapters.hf_vit.patch`) and ``open_clip`` models or vision towers
+    (:func:`tokenslim.adapters.open_clip_vit.patch`), with the same settings everywhere.
 
     Args:
         model: the model; it is changed in place and returned.
@@ -115,11 +115,11 @@ def _timm_only(model: nn.Module, what: str) -> ModuleType:
 
 def token_plan(model: nn.Module, img_size: Optional[Union[int, Sequence[int]]] = None):
     """Tokens entering each block for one input size, from the settings alone (timm ViTs; see
-    :func:`tokenslim.timm_vit.token_plan`). Other frameworks' models get a clear ``TypeError``."""
+    :func:`tokenslim.adapters.timm_vit.token_plan`). Other frameworks' models get a clear ``TypeError``."""
     return _timm_only(model, "token_plan").token_plan(model, img_size)
 
 
 def trace_merges(model: nn.Module, images):
     """Which patches each token holds after a patched timm ViT's blocks (see
-    :func:`tokenslim.timm_vit.trace_merges`). Other frameworks' models get a clear ``TypeError``."""
+    :func:`tokenslim.adapters.timm_vit.trace_merges`). Other frameworks' models get a clear ``TypeError``."""
     return _timm_only(model, "trace_merges").trace_merges(model, images)

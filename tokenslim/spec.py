@@ -37,7 +37,7 @@ def _split_top_level(text: str) -> List[str]:
 
 
 def _patch_keywords() -> List[str]:
-    from .timm_vit import patch
+    from .adapters.timm_vit import patch
 
     return [p for p in inspect.signature(patch).parameters if p != "model"] + list(CHANNEL_KEYS)
 
@@ -98,7 +98,7 @@ def apply_setting(model: nn.Module, setting: Dict[str, Any]) -> nn.Module:
 
     An empty setting leaves the model unpatched.
     """
-    from .channels import materialize, prune_channels
+    from .adapters.timm_channels import materialize, prune_channels
     from .patching import patch, unpatch
 
     patch_kwargs = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
@@ -124,7 +124,7 @@ def check_setting(model: nn.Module, setting: Dict[str, Any], text: Optional[str]
     """
     from .measure.macs import meta_copy
     from .ops.masks import _check_ratio
-    from .timm_vit import patch, token_plan
+    from .adapters.timm_vit import patch, token_plan
 
     label = text if text is not None else format_setting(setting)
     try:

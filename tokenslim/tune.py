@@ -243,7 +243,7 @@ def tune(
     # Pruning ranks tokens by the class token's attention: only where there is one.
     # Pruning ranks tokens by the class token's attention and, unfused, leaves patches without a
     # token: only where there is a class token and the head reads it alone.
-    from .timm_vit import _pools_patches
+    from .adapters.timm_vit import _pools_patches
 
     prune_ok = "prune" in search and getattr(model, "cls_token", None) is not None and not _pools_patches(model)
     from .methods import get_method
@@ -274,7 +274,7 @@ def tune(
 
     def gmacs_of(candidate_model: nn.Module, method: str, mlp: float) -> float:
         # Compute follows from the token counts (and the method's own matching work): count once.
-        from .timm_vit import token_plan
+        from .adapters.timm_vit import token_plan
 
         key = (method, token_plan(candidate_model, img_size).tokens, mlp)
         if key not in macs_by_plan:

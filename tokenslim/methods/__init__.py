@@ -1,7 +1,7 @@
 """Token-reduction methods behind one interface (:class:`~tokenslim.methods.base.ReductionMethod`).
 
 Each method is a small pure-tensor module that plans a block's reduction step from what the
-attention computed; the framework adapters (e.g. :mod:`tokenslim.timm_vit`) only wire them in.
+attention computed; the framework adapters (e.g. :mod:`tokenslim.adapters.timm_vit`) only wire them in.
 Choose one with ``tokenslim.patch(model, r=..., method="...")`` or ``method=...`` in settings text.
 
 ===========  ===============================================================================

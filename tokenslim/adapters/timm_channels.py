@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from timm.layers.mlp import GluMlp, Mlp, SwiGLU
 from torch import nn
 
-from .ops.masks import kept_channels, kept_heads, top_mask
+from ..ops.masks import kept_channels, kept_heads, top_mask
 from .timm_vit import HEAD_MASK_BUFFER as HEAD_BUFFER
-from .patching import adapter_for
+from ..patching import adapter_for
 from .timm_vit import _check_supported as _check_timm_vit
 
 

@@ -8,7 +8,7 @@ over the patches they hold: ``'tok'`` pooling reads the class token, ``'avg'`` p
 size-weighted mean, attentional pooling over repeated keys is proportional attention).
 
 Models whose vision tower is a timm trunk (``TimmModel``, e.g. ``ViT-B-16-SigLIP``) are timm ViTs
-underneath and are patched through :mod:`tokenslim.timm_vit`.
+underneath and are patched through :mod:`tokenslim.adapters.timm_vit`.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import unmerge
-from .ops.attention import AttentionResult, reducing_attention
-from .reduction import BlockStep, block_steps, reduce_step, step_log_size
-from .schedule import ReductionSettings
-from .versions import check_release
+from ..ops import unmerge
+from ..ops.attention import AttentionResult, reducing_attention
+from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
+from ..schedule import ReductionSettings
+from ..versions import check_release
 
 OPEN_CLIP_MIN = (3, 0, 0)
 OPEN_CLIP_MAX = (3, 3, 999)

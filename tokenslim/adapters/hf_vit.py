@@ -1,6 +1,6 @@
 """The Hugging Face ``transformers`` adapter: token reduction in ViT, DeiT, DINOv2 and CLIP vision models.
 
-The same ops, methods and settings as the timm adapter (:mod:`tokenslim.timm_vit`); only the wiring
+The same ops, methods and settings as the timm adapter (:mod:`tokenslim.adapters.timm_vit`); only the wiring
 to ``transformers`` modules lives here.
 
 Design:
@@ -26,11 +26,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .ops import unmerge
-from .ops.attention import AttentionResult, reducing_attention
-from .reduction import BlockStep, block_steps, reduce_step, step_log_size
-from .schedule import ReductionSettings
-from .versions import check_release
+from ..ops import unmerge
+from ..ops.attention import AttentionResult, reducing_attention
+from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
+from ..schedule import ReductionSettings
+from ..versions import check_release
 
 TRANSFORMERS_MIN = (5, 24, 0)
 TRANSFORMERS_MAX = (5, 24, 999)

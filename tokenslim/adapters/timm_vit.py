@@ -29,12 +29,12 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .ops import unmerge
-from .ops.attention import AttentionResult, reducing_attention
-from .reduction import BlockStep, block_steps, reduce_step, step_log_size
-from .schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
-from .input_size import resolve_img_size
-from .versions import check_release
+from ..ops import unmerge
+from ..ops.attention import AttentionResult, reducing_attention
+from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
+from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
+from ..input_size import resolve_img_size
+from ..versions import check_release
 
 TIMM_MIN = (1, 0, 28)
 TIMM_MAX = (1, 0, 31)
@@ -51,7 +51,7 @@ def check_timm_version(version: Optional[str] = None) -> None:
 
 
 HEAD_MASK_BUFFER = "tokenslim_head_mask"
-"""Non-persistent buffer on a timm Attention marking kept heads (set by :mod:`tokenslim.channels`)."""
+"""Non-persistent buffer on a timm Attention marking kept heads (set by :mod:`tokenslim.adapters.timm_channels`)."""
 
 SUPPORTED_BLOCKS = (Block,)
 SUPPORTED_ATTENTION = (Attention,)
