@@ -2,15 +2,13 @@
 
 Prints GMACs, MAC ratio, measured throughput ratio (median and 95% interval over interleaved
 rounds), efficiency (throughput ratio / MAC ratio) and batch-1 latency ratio; optionally writes the
-rows as JSON lines. Same as ``tokenslim benchmark``.
+rows as JSON lines. Same as ``tokenslim benchmark`` (same flags).
 
     python scripts/benchmark.py --model vit_small_patch16_224 --settings r=8 r=13 r=16
 """
-import argparse
+import sys
 
-from tokenslim.cli import add_benchmark_args, run_benchmark
+from tokenslim.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_benchmark_args(parser)
-    run_benchmark(parser.parse_args())
+    main(["benchmark", *sys.argv[1:]])

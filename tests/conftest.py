@@ -67,3 +67,10 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 shared_data = pytest.mark.skipif(
     not (SHARED / "data").is_dir(), reason=f"{SHARED}/data is absent (CI and dev machines have it)"
 )
+
+
+def read_rows(path) -> list:
+    """The rows of a JSON-lines result file (``tokenslim eval --jsonl``, sweeps)."""
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

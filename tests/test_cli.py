@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import SMALL, make_model
+from conftest import SMALL, make_model, read_rows
 from tokenslim.cli import main
 from tokenslim.loading import save_checkpoint
 
@@ -32,22 +32,22 @@ def test_macs_command(capsys):
 
 def test_eval_command(tiny_checkpoint_and_data, tmp_path, capsys):
     ckpt, labels = tiny_checkpoint_and_data
-    out_json = tmp_path / "eval.json"
+    out_json = tmp_path / "eval.jsonl"
     main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "r=4", "--workers", "0",
-          "--batch-size", "4", "--quiet", "--json", str(out_json)])
-    result = json.loads(out_json.read_text())
-    assert [r["setting"] for r in result["results"]] == ["none", "r=4"]
-    assert result["results"][0]["images"] == 9 and result["data_config"]["input_size"] == [3, 32, 32]
+          "--eval-batch-size", "4", "--quiet", "--jsonl", str(out_json)])
+    rows = read_rows(out_json)
+    assert [r["setting"] for r in rows] == ["none", "r=4"]
+    assert rows[0]["images"] == 9 and rows[0]["run"]["data_config"]["input_size"] == [3, 32, 32]
     assert "agree" in capsys.readouterr().out
 
 
 def test_eval_holdout_leaves_out_the_calibration_images(tiny_checkpoint_and_data, tmp_path, capsys):
     ckpt, labels = tiny_checkpoint_and_data
-    out_json = tmp_path / "eval.json"
+    out_json = tmp_path / "eval.jsonl"
     main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--holdout", "4", "--workers", "0",
-          "--quiet", "--json", str(out_json)])
-    result = json.loads(out_json.read_text())
-    assert result["results"][0]["images"] == 5 and result["holdout"] == 4
+          "--quiet", "--jsonl", str(out_json)])
+    rows = read_rows(out_json)
+    assert rows[0]["images"] == 5 and rows[0]["run"]["holdout"] == 4
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--holdout", "4", "--limit", "4"])
     assert exit_info.value.code == 2 and "--holdout" in capsys.readouterr().err

@@ -296,3 +296,27 @@ def test_blocks_changed_after_patching():
         model.forward_features(images(1))
     tokenslim.patch(model, r=2)
     assert model.forward_features(images(1)).shape[0] == 1
+
+
+def test_every_settings_key_means_the_same_in_patch_apply_and_text():
+    import inspect
+
+    from tokenslim.spec import _patch_keywords, apply_setting, parse_setting
+
+    assert set(_patch_keywords()) <= set(inspect.signature(tokenslim.patch).parameters)
+    assert tokenslim.spec.parse_setting is tokenslim.parse_setting  # reachable from `import tokenslim`
+    x = images(2)
+    text = "r=2,mlp_pruned=0.25,heads_pruned=0.34"
+    by_text = apply_setting(make_model("vit"), parse_setting(text))
+    by_patch = tokenslim.patch(make_model("vit"), r=2, mlp_pruned=0.25, heads_pruned=0.34)
+    by_apply = tokenslim.apply(make_model("vit"), text)
+    by_keys = tokenslim.apply(make_model("vit"), r=2, mlp_pruned=0.25, heads_pruned=0.34)
+    ref = by_text(x)
+    for model in (by_patch, by_apply, by_keys):
+        assert model.blocks[0].mlp.fc1.out_features == by_text.blocks[0].mlp.fc1.out_features
+        assert torch.equal(model(x), ref)
+    with pytest.raises(ValueError, match="already carries channel pruning"):
+        tokenslim.patch(by_patch, mlp_pruned=0.25)
+    tokenslim.patch(by_patch, r=4)  # token settings still change freely
+    with pytest.raises(TypeError, match="unknown setting keys"):
+        tokenslim.apply(make_model("vit"), rr=2)

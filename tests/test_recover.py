@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import tokenslim
-from conftest import SMALL, images, make_model
+from conftest import SMALL, images, make_model, read_rows
 from tokenslim.recover import lora_target_names, recover, trainable_parameters
 
 
@@ -254,8 +254,8 @@ def test_recover_command_writes_a_checkpoint_that_eval_reproduces(tmp_path, caps
     model = load_checkpoint(str(out))
     assert model.tokenslim.r == 6 and model.blocks[0].mlp.fc1.out_features == 144
     main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "labels.txt"), "--workers", "0", "--quiet",
-          "--json", str(tmp_path / "e.json")])
-    rows = json.loads((tmp_path / "e.json").read_text())["results"]
+          "--jsonl", str(tmp_path / "e.jsonl")])
+    rows = read_rows(tmp_path / "e.jsonl")
     # The baseline is the recovered weights unreduced; the setting it carries is its own row.
     assert [r["setting"] for r in rows] == ["none", "r=6"]
     assert "r" not in rows[0]["settings"] and rows[1]["settings"]["r"] == 6

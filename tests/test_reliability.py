@@ -10,7 +10,7 @@ from PIL import Image
 
 import tokenslim
 import tokenslim.sweep as sweep_module
-from conftest import SMALL, make_model
+from conftest import SMALL, make_model, read_rows
 from tokenslim.cli import main
 from tokenslim.evaluate import evaluate, open_dataset, resolve_transform
 from tokenslim.loading import save_checkpoint
@@ -87,11 +87,11 @@ def test_sweep_refuses_results_of_another_run(tiny, tmp_path, capsys):
 
 def test_eval_json_resumes_and_output_paths_are_checked_first(tiny, tmp_path, monkeypatch, capsys):
     ckpt, labels = tiny
-    out_json = tmp_path / "new" / "folder" / "eval.json"  # missing folders are created up front
+    out_json = tmp_path / "new" / "folder" / "eval.jsonl"  # missing folders are created up front
     args = ["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--workers", "0", "--quiet",
-            "--json", str(out_json), "--settings", "r=4"]
+            "--jsonl", str(out_json), "--settings", "r=4"]
     main(args)
-    assert [r["setting"] for r in json.loads(out_json.read_text())["results"]] == ["none", "r=4"]
+    assert [r["setting"] for r in read_rows(out_json)] == ["none", "r=4"]
     import tokenslim.evaluate as ev
 
     calls = []

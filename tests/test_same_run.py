@@ -15,7 +15,7 @@ from PIL import Image
 
 import tokenslim
 import tokenslim.measure.table as table_module
-from conftest import SMALL, images, make_model
+from conftest import SMALL, images, make_model, read_rows
 from tokenslim.cli import main
 from tokenslim.fingerprint import check_same_run, data_digest, fingerprint, weights_digest
 from tokenslim.journal import append_jsonl, read_jsonl
@@ -131,11 +131,11 @@ def test_sweep_refuses_rows_of_a_replaced_checkpoint(tiny, tmp_path, capsys):
 def test_eval_json_refuses_results_of_a_replaced_checkpoint(tiny, tmp_path, capsys):
     ckpt, labels = tiny
     args = ["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--workers", "0", "--quiet",
-            "--json", str(tmp_path / "e.json"), "--settings", "r=4"]
+            "--jsonl", str(tmp_path / "e.jsonl"), "--settings", "r=4"]
     main(args)
     _save(ckpt, seed=1)
     err = _fails(capsys, args)
-    assert "--json" in err and "belongs to another run (weights:" in err
+    assert "e.jsonl:1 belongs to another run (weights:" in err
 
 
 def _recover(ckpt, labels, out, *extra, settings="r=4"):
@@ -169,10 +169,10 @@ def test_checkpoint_that_carries_settings_is_compared_unreduced(tmp_path, capsys
     ckpt = _save(tmp_path / "recovered.pth", settings="r=4")
     labels = _labels(tmp_path)
     main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--workers", "0", "--quiet",
-          "--json", str(tmp_path / "e.json"), "--settings", "r=2"])
+          "--jsonl", str(tmp_path / "e.jsonl"), "--settings", "r=2"])
     err = capsys.readouterr().err
     assert "carries the settings r=4" in err
-    rows = {r["setting"]: r for r in json.loads((tmp_path / "e.json").read_text())["results"]}
+    rows = {r["setting"]: r for r in read_rows(tmp_path / "e.jsonl")}
     assert list(rows) == ["none", "r=4", "r=2"]
     assert "r" not in rows["none"]["settings"]  # the baseline is not reduced
     assert rows["r=4"]["settings"]["r"] == 4
@@ -212,12 +212,12 @@ def test_recover_from_a_checkpoint_with_settings_says_whom_it_distils_from(tmp_p
 def test_a_checkpoint_names_its_own_model(tiny, tmp_path, capsys):
     ckpt, labels = tiny
     err = _fails(capsys, ["eval", "--model", "vit_small_patch16_224", "--checkpoint", str(ckpt), "--data",
-                          str(labels), "--json", str(tmp_path / "e.json")])
+                          str(labels), "--jsonl", str(tmp_path / "e.jsonl")])
     assert "builds vit_tiny_patch16_224, not vit_small_patch16_224" in err
     main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--workers", "0", "--quiet",
-          "--json", str(tmp_path / "e.json")])
-    saved = json.loads((tmp_path / "e.json").read_text())
-    assert saved["model"] == "vit_tiny_patch16_224" and saved["results"][0]["model"] == "vit_tiny_patch16_224"
+          "--jsonl", str(tmp_path / "e.jsonl")])
+    saved = read_rows(tmp_path / "e.jsonl")
+    assert saved[0]["run"]["model"] == "vit_tiny_patch16_224" and saved[0]["model"] == "vit_tiny_patch16_224"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,8 +372,9 @@ def test_vis_says_the_file_it_writes(tiny, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     ckpt, labels = tiny
     main(["vis", "--checkpoint", str(ckpt), "--data", str(labels), "--settings", "r=4", "--images", "2",
-          "--out", str(tmp_path / "picture")])
-    assert (tmp_path / "picture.png").is_file() and f"wrote {tmp_path / 'picture.png'}" in capsys.readouterr().out
+          "--out", str(tmp_path / "pictures")])
+    written = tmp_path / "pictures" / "vis.png"  # --out is a folder, as in every tool
+    assert written.is_file() and f"wrote {written}" in capsys.readouterr().out
 
 
 def test_tune_says_when_it_misses_and_exits_non_zero(tiny, tmp_path, capsys):

@@ -9,12 +9,18 @@ The one-liner::
 from .adapters.timm_channels import ChannelPlan, apply_masks, materialize, plan_channels, prune_channels, remove_masks, restore_channels
 from .ops import source_matrix, unmerge
 from .schedule import ReductionSettings, RSpec, TokenPlan, parse_r, plan_tokens
+from . import spec
 from .patching import is_patched, patch, token_plan, trace_merges, unpatch
+from .spec import apply, format_setting, parse_setting
 from .adapters.timm_vit import MergeTrace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply",
+    "format_setting",
+    "parse_setting",
+    "spec",
     "ChannelPlan",
     "apply_masks",
     "materialize",

@@ -62,6 +62,10 @@ def patch(
     method: str = "tome",
     threshold: Optional[float] = None,
     margin: Optional[float] = None,
+    heads_pruned: Union[float, Sequence[float]] = 0.0,
+    mlp_pruned: Union[float, Sequence[float]] = 0.0,
+    criterion: str = "l2",
+    materialize: bool = True,
 ) -> nn.Module:
     """Patch a Vision Transformer in place for token merging and/or pruning.
 
@@ -81,12 +85,26 @@ def patch(
             ``"atc"``, ``"atc_average"``.
         threshold: PPT's variance threshold (``method="ppt"`` only).
         margin: PiToMe's energy margin at the first block (``method="pitome"`` only).
+        heads_pruned, mlp_pruned: channel pruning first (timm ViTs): the share of attention heads
+            and of MLP hidden channels removed in every block (or one value per block), ranked by
+            the data-free ``criterion`` (``"l2"`` or ``"l1"`` weight norms) and, with
+            ``materialize=True``, sliced into smaller layers (``False`` keeps exact masks). This
+            changes the weights and is done once: a model that already carries channel pruning is
+            refused (use :func:`tokenslim.prune_channels` to prune further). Settings text takes
+            the same keys (``"r=8,mlp_pruned=0.25"``).
 
     Raises:
         TypeError: a model no adapter supports (nothing is changed).
         ValueError: bad settings.
         RuntimeError: an untested release of timm / transformers / open_clip.
     """
+    if heads_pruned or mlp_pruned:
+        from .adapters.timm_channels import apply_channel_setting, has_masks
+
+        if getattr(model, "tokenslim_channels", None) is not None or has_masks(model):
+            raise ValueError("this model already carries channel pruning, which patch applies once; use "
+                             "tokenslim.prune_channels(model, ...) and materialize(model) to prune further")
+        apply_channel_setting(model, heads_pruned, mlp_pruned, criterion, materialize)
     return adapter_for(model).patch(
         model, r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned, prop_attn=prop_attn,
         method=method, threshold=threshold, margin=margin,

@@ -63,6 +63,17 @@ class RecoverResult:
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
     trainable: int = 0
+    window: int = 50
+
+    def loss_summary(self) -> str:
+        """The loss at the start and the end, each the mean of one logged window (``window`` steps),
+        or a plain mean when the run fits in one window and shows no trend."""
+        if not self.losses:
+            return "no steps taken"
+        if len(self.losses) == 1:
+            return f"mean loss {self.losses[0]:.4f} over {self.steps} steps (one window: no trend to show)"
+        return (f"loss {self.losses[0]:.4f} (mean of the first {self.window} steps) -> {self.losses[-1]:.4f} "
+                "(mean of the last window)")
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -359,7 +370,7 @@ def recover(
         extra = sorted(set(after) - set(names_before))[:3]
         raise RuntimeError(f"recovery changed the model's parameters (e.g. {extra}); please report this")
     trainable = sum(p.numel() for p in params.values())
-    return RecoverResult(method, step, len(data), losses, time.perf_counter() - start, trainable)
+    return RecoverResult(method, step, len(data), losses, time.perf_counter() - start, trainable, save_every)
 
 
 class _SeededItems(Dataset):

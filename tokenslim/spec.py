@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from torch import nn
 
@@ -37,9 +37,9 @@ def _split_top_level(text: str) -> List[str]:
 
 
 def _patch_keywords() -> List[str]:
-    from .adapters.timm_vit import patch
+    from .patching import patch
 
-    return [p for p in inspect.signature(patch).parameters if p != "model"] + list(CHANNEL_KEYS)
+    return [p for p in inspect.signature(patch).parameters if p != "model"]
 
 
 def parse_setting(text: str) -> Dict[str, Any]:
@@ -86,6 +86,22 @@ def _parse_value(text: str, key: str, value: str) -> Any:
         ) from None
 
 
+def apply(model: nn.Module, setting: Union[str, Dict[str, Any], None] = None, **keys: Any) -> nn.Module:
+    """Apply settings text (``"r=8,mlp_pruned=0.25"``), a parsed setting, or the same keys as
+    keywords, with exactly the meaning they have on the command line; returns ``model``.
+
+    ``tokenslim.apply(model, "r=8,mlp_pruned=0.25")`` equals
+    ``tokenslim.apply(model, r=8, mlp_pruned=0.25)``; ``"none"`` leaves the model unpatched.
+    """
+    if isinstance(setting, str):
+        setting = parse_setting(setting)
+    merged = {**(setting or {}), **keys}
+    unknown = sorted(set(merged) - set(_patch_keywords()))
+    if unknown:
+        raise TypeError(f"unknown setting keys {unknown}; known: {', '.join(_patch_keywords())}")
+    return apply_setting(model, merged)
+
+
 def format_setting(setting: Dict[str, Any]) -> str:
     """Inverse of :func:`parse_setting` (``"none"`` for the unpatched model)."""
     if not setting:
@@ -98,19 +114,14 @@ def apply_setting(model: nn.Module, setting: Dict[str, Any]) -> nn.Module:
 
     An empty setting leaves the model unpatched.
     """
-    from .adapters.timm_channels import materialize, prune_channels
+    from .adapters.timm_channels import apply_channel_setting
     from .patching import patch, unpatch
 
     patch_kwargs = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
     channel = {k: setting[k] for k in CHANNEL_KEYS if k in setting}
     if channel:
-        criterion = channel.get("criterion", "l2")
-        if criterion not in ("l1", "l2"):
-            raise ValueError(f"settings text takes the data-free criteria l1 or l2, got {criterion!r}; "
-                             "use tokenslim.prune_channels(..., data=...) for activation or taylor")
-        plan = prune_channels(model, channel.get("heads_pruned", 0.0), channel.get("mlp_pruned", 0.0), criterion)
-        if plan.prunes and channel.get("materialize", True):
-            materialize(model)
+        apply_channel_setting(model, channel.get("heads_pruned", 0.0), channel.get("mlp_pruned", 0.0),
+                              channel.get("criterion", "l2"), channel.get("materialize", True))
     if not patch_kwargs:
         return unpatch(model)
     return patch(model, **patch_kwargs)

@@ -105,6 +105,12 @@ class TuneResult:
     files: Dict[str, str] = field(default_factory=dict)
 
     @property
+    def evaluated(self) -> int:
+        """Distinct settings evaluated (a setting assessed in several phases counts once), the count
+        ``tune.json``, the CSV and the plot give."""
+        return len({c.setting for c in self.candidates})
+
+    @property
     def reached(self) -> Optional[bool]:
         """Whether the chosen setting re-measured at or above the target speed-up (``None`` with
         ``max_drop``, which has no speed target)."""
@@ -556,7 +562,7 @@ def _write(result: TuneResult, out_dir: str) -> Dict[str, str]:
     with open(paths["json"], "w") as f:
         json.dump({"setting": result.setting, "best": asdict(result.best), "target": result.target,
                    "reached": result.reached, "max_drop": result.max_drop, "seconds": round(result.seconds, 1),
-                   "candidates": len(seen)}, f, indent=2)
+                   "candidates": result.evaluated}, f, indent=2)
     png = os.path.join(out_dir, "candidates.png")
     if candidates_png(list(seen.values()), result.best, png):
         paths["png"] = png

@@ -398,6 +398,23 @@ def prune_channels(
     return plan
 
 
+def apply_channel_setting(model: nn.Module, heads_pruned: Ratio = 0.0, mlp_pruned: Ratio = 0.0,
+                          criterion: str = "l2", materialize_layers: bool = True) -> nn.Module:
+    """The channel keys of settings text (``heads_pruned``, ``mlp_pruned``, ``criterion``,
+    ``materialize``) applied to ``model``: data-free ranking, masks, then smaller layers.
+
+    Raises:
+        ValueError: a criterion that needs data (use :func:`prune_channels` with ``data=``).
+    """
+    if criterion not in ("l1", "l2"):
+        raise ValueError(f"settings take the data-free criteria l1 or l2, got {criterion!r}; "
+                         "use tokenslim.prune_channels(..., data=...) for activation or taylor")
+    plan = prune_channels(model, heads_pruned, mlp_pruned, criterion)
+    if plan.prunes and materialize_layers:
+        materialize(model)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Materialisation
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""``tokenslim benchmark`` and ``tokenslim macs``: measured speed and counted compute."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import List
+
+from . import flags
+
+DEFAULT_MODEL = "vit_small_patch16_224"
+
+
+def add_benchmark_args(p: argparse.ArgumentParser) -> None:
+    flags.add(p, "model", "pretrained", "checkpoint",
+              model={"help": f"default {DEFAULT_MODEL} when no checkpoint is given"})
+    flags.add(p, "settings", settings={"default": ["r=8", "r=13", "r=16"]})
+    flags.add(p, "batch_size", "img_size", "rounds", batch_size={"default": 32})
+    p.add_argument("--steps-per-round", type=int, default=1, help="timed forward passes per model and round")
+    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency comparison")
+    flags.add(p, "device", "precision", "threads", "jsonl", "quiet",
+              jsonl={"help": "appended to after all the timing"})
+    p.add_argument("--channels-last", action="store_true", help="time in channels-last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+
+
+def run_benchmark(args: argparse.Namespace) -> List[dict]:
+    from ..measure.table import benchmark_settings, format_rows
+
+    flags.check_output_file(args.jsonl, "--jsonl")
+    if not args.model and not args.checkpoint:
+        args.model = DEFAULT_MODEL
+    model, name, carried = flags.load_baseline(args)
+    settings = ([carried] if carried else []) + list(args.settings)
+    rows = benchmark_settings(
+        model, settings, model_name=name, progress=None if args.quiet else flags.progress,
+        batch_size=args.batch_size, img_size=args.img_size, rounds=args.rounds,
+        steps_per_round=args.steps_per_round, latency=not args.no_latency, device=args.device,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+    )
+    ctx = rows[0]["context"]
+    print(f"{name}, batch {ctx['batch_size']}, {ctx['img_size'][0]}px, {ctx['precision']}, "
+          f"{ctx['device']} ({ctx['device_name']}), {ctx['cpu_threads']} CPU threads, {args.rounds} interleaved "
+          f"rounds; ratios are speed-ups over the unpatched model; GMACs per image (1 multiply-add = 1)")
+    print(format_rows(rows))
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def add_macs_args(p: argparse.ArgumentParser) -> None:
+    flags.add(p, "model", "checkpoint", model={"help": f"default {DEFAULT_MODEL} when no checkpoint is given"})
+    flags.add(p, "settings", "img_size", "quiet")
+
+
+def run_macs(args: argparse.Namespace) -> None:
+    import copy
+
+    import timm
+    import torch
+
+    from ..adapters.timm_vit import token_plan
+    from ..measure.macs import UNIT, count_macs
+    from ..spec import CHANNEL_KEYS, apply_setting, format_setting, parse_setting
+
+    settings = [parse_setting(t) for t in ["none"] + list(args.settings)]
+    if args.checkpoint:
+        args.pretrained = False
+        base, name, carried = flags.load_baseline(args)
+        if carried:
+            settings.insert(1, parse_setting(carried))
+    else:
+        name = args.model or DEFAULT_MODEL
+        if any(k in s for s in settings for k in CHANNEL_KEYS):
+            base = timm.create_model(name).eval()  # ranking channels needs (random) weights
+        else:
+            with torch.device("meta"):  # counting needs shapes only: no weights are initialised
+                base = timm.create_model(name).eval()
+    print(f"{name}: {UNIT}")
+    for setting in settings:
+        model = apply_setting(copy.deepcopy(base), setting)
+        cost = count_macs(model, img_size=args.img_size)
+        plan = token_plan(model, args.img_size)
+        print(f"  {format_setting(setting):<36} {cost.gmacs:8.3f} GMACs  {cost.params_m:7.2f} M params  "
+              f"tokens per block {list(plan.tokens)}")

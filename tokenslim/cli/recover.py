@@ -1,0 +1,153 @@
+"""``tokenslim recover``: win back accuracy by short distillation, the tuned parameters folded back."""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+from typing import List
+
+from . import flags
+
+TRAINABLE = "bias, norm, bias_norm, lora, lora_bias_norm (the LoRA ones need tokenslim[peft]) or full (every parameter)"
+
+
+def add_recover_args(p: argparse.ArgumentParser) -> None:
+    flags.add(p, "model", "pretrained", "checkpoint", "random_weights", "data",
+              data={"help": "training images"})
+    flags.add(p, "settings", settings={"required": True,
+                                       "help": "each recovered into its own checkpoint in --out"})
+    p.add_argument("--teacher", default=None, metavar="FILE",
+                   help="checkpoint of the teacher (default: --checkpoint/--model without any settings it carries); "
+                        "give the original model when recovering a recovered checkpoint again")
+    p.add_argument("--trainable", default="bias_norm", help=f"what trains: {TRAINABLE}")
+    flags.alias(p, "--method", "--trainable")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 1e-3 bias/norm, 5e-4 LoRA, 1e-4 full)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha is twice the rank)")
+    p.add_argument("--train-batch-size", type=int, default=64, metavar="N", help="training batch size")
+    flags.alias(p, "--batch-size", "--train-batch-size", type=int)
+    flags.add(p, "limit", "seed", limit={"default": 2000, "help": "training images"})
+    p.add_argument("--ce-weight", type=float, default=0.0, help="add cross-entropy on the labels with this weight")
+    p.add_argument("--augment", action="store_true",
+                   help="light augmentation (random 60-100%% crop, flip) instead of the evaluation transform")
+    p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="blend each batch with itself reversed, weight ~ Beta(ALPHA, ALPHA); teacher and student "
+                        "see the same blend (e.g. 1.0; 0: off)")
+    p.add_argument("--feature-weight", type=float, default=0.0,
+                   help="also match the class token entering every block (relative squared error) with this "
+                        "weight; class-token models (e.g. 1.0; 0: off)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="distillation temperature: soften both outputs by T, scale the KL by T^2 (1: plain KL)")
+    flags.add(p, "workers", "threads", "out", "quiet",
+              out={"default": "results/recover",
+                   "help": "recovered.pth (one setting) or recovered_<setting>.pth (several), each with its resume "
+                           "state beside it (.state)"})
+    p.add_argument("--state", default=None, metavar="FILE",
+                   help="resume file of a single setting (default: the checkpoint's path + .state)")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+def output_paths(args: argparse.Namespace, settings: List[str]) -> List[str]:
+    """The checkpoint each setting is recovered into (``--out FILE.pth`` is the old spelling)."""
+    if args.out.endswith(".pth"):
+        if len(settings) > 1:
+            raise ValueError(f"--out {args.out} names one file for {len(settings)} settings; pass a folder")
+        flags.check_output_file(args.out, "--out")
+        return [args.out]
+    flags.check_out_dir(args.out)
+    if len(settings) == 1:
+        return [os.path.join(args.out, "recovered.pth")]
+    return [os.path.join(args.out, f"recovered_{_slug(s)}.pth") for s in settings]
+
+
+def run_recover_cmd(args: argparse.Namespace):
+    from ..evaluate import open_dataset, resolve_transform, subset
+    from ..loading import load_baseline
+    from ..spec import check_setting, format_setting, parse_setting
+
+    settings = [parse_setting(t) for t in args.settings]
+    for text, setting in zip(args.settings, settings):
+        if not setting:
+            raise ValueError(f"--settings {text} names no reduction; give the setting to recover from, e.g. r=8")
+    if args.trainable.startswith("lora"):
+        from ..recover import _require_peft
+
+        _require_peft()
+    names = [format_setting(s) for s in settings]
+    paths = output_paths(args, names)
+    if args.state and len(paths) > 1:
+        raise ValueError("--state names one resume file; with several settings each keeps its own beside its "
+                         "checkpoint")
+    states = [args.state or p + ".state" for p in paths]
+    for state in states:
+        flags.check_output_file(state, "--state")
+    start, name, carried = flags.load_baseline(args)  # the weights to recover, without settings they carry
+    teacher = start
+    if args.teacher:
+        teacher, teacher_carries = load_baseline(None, checkpoint_path=args.teacher)
+        if teacher_carries:
+            flags.progress(f"note: the teacher {args.teacher} carries settings {teacher_carries}; it teaches "
+                           "without them")
+    elif carried:
+        flags.progress(f"warning: the teacher is {args.checkpoint} without its settings {carried}; a recovered "
+                       "checkpoint's weights are not the original model's, so pass --teacher ORIGINAL.pth to distil "
+                       "from the model it was reduced from")
+    for text, setting in zip(args.settings, settings):
+        check_setting(start, setting, text)
+    transform, config = resolve_transform(start)
+    if args.augment:
+        from ..evaluate.data import light_augmentation
+
+        transform = light_augmentation(config)
+    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    results = []
+    for setting, path, state in zip(settings, paths, states):
+        results.append(_recover_one(args, start, teacher, name, config, data, setting, path, state))
+    return results[0] if len(results) == 1 else results
+
+
+def _recover_one(args, start, teacher, name, config, data, setting, path, state):
+    from ..loading import save_checkpoint
+    from ..recover import recover
+    from ..spec import CHANNEL_KEYS, apply_setting, format_setting
+
+    model = apply_setting(copy.deepcopy(start), setting)
+    result = recover(model, teacher, data, method=args.trainable, steps=args.steps, lr=args.lr,
+                     batch_size=args.train_batch_size, ce_weight=args.ce_weight, num_workers=args.workers,
+                     lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, mixup=args.mixup,
+                     feature_weight=args.feature_weight, temperature=args.temperature, seed=args.seed,
+                     state_path=state, progress=not args.quiet,
+                     run_info={"settings": format_setting(setting), "model": name, "augment": bool(args.augment)})
+    token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
+    identity = _checkpoint_identity(start, args)
+    save_checkpoint(model, path, identity["name"], identity["kwargs"],
+                    {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+                     if k in config},
+                    extra={"recovered_from": format_setting(setting), "method": args.trainable, "steps": result.steps,
+                           "augment": bool(args.augment), "mixup": args.mixup, "ce_weight": args.ce_weight,
+                           "feature_weight": args.feature_weight, "temperature": args.temperature,
+                           "images": result.images, "minutes": round(result.seconds / 60, 2),
+                           "teacher": args.teacher or args.checkpoint or args.model},
+                    settings=format_setting(token_setting) if token_setting else None)
+    print(f"recovered {format_setting(setting)} with {args.trainable}: {result.steps} steps on {result.images} "
+          f"images, {result.trainable} trained parameters, {result.seconds / 60:.1f} min; {result.loss_summary()}; "
+          f"wrote {path}")
+    return result
+
+
+def _checkpoint_identity(model, args) -> dict:
+    """The timm name and constructor arguments that rebuild ``model`` (from a tokenslim checkpoint if any)."""
+    if args.checkpoint:
+        import torch
+
+        obj = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict) and "model_name" in obj:
+            return {"name": obj["model_name"], "kwargs": obj.get("model_kwargs", {})}
+    if not args.model:
+        raise ValueError("pass --model with the timm name of the checkpoint's model")
+    return {"name": args.model, "kwargs": {"num_classes": model.num_classes}}
