@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import tokenslim.tune as tune_module
+import tokenslim.tune.search as tune_search
 from conftest import images, make_model
 from tokenslim.measure.benchmark import Comparison, RatioEstimate
 from tokenslim.measure.macs import count_macs
@@ -25,7 +26,7 @@ def _fake_device(monkeypatch, efficiency):
             out[name] = RatioEstimate(ratio, ratio * 0.98, ratio * 1.02, 0.95, 15)
         return Comparison(baseline, out, {}, {}, {}, None)
 
-    monkeypatch.setattr(tune_module, "compare", fake_compare)
+    monkeypatch.setattr(tune_search, "compare", fake_compare)
 
 
 def test_meets_a_speed_target_after_correcting_for_efficiency(monkeypatch, tmp_path):
@@ -67,8 +68,8 @@ def test_resume_replays_finished_candidates(monkeypatch, tmp_path):
     _fake_device(monkeypatch, efficiency=0.9)
     model = make_model("vit", depth=6)
     calls = []
-    real = tune_module.evaluate
-    monkeypatch.setattr(tune_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tune_search.evaluate
+    monkeypatch.setattr(tune_search, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     seen = []
 
     def kill_after_five(msg):
@@ -154,7 +155,7 @@ def test_an_overshoot_is_approached_again_in_smaller_steps(monkeypatch):
             out[name] = RatioEstimate(ratio, ratio * 0.98, ratio * 1.02, 0.95, 15)
         return Comparison(baseline, out, {}, {}, {}, None)
 
-    monkeypatch.setattr(tune_module, "compare", fake_compare)
+    monkeypatch.setattr(tune_search, "compare", fake_compare)
     model = make_model("vit", depth=6)
     msgs = []
     result = tune_module.tune(model, _data(), speedup=1.2, methods=["tome"], step=8, search=("merge",),
@@ -194,7 +195,7 @@ def test_plain_schedules_contest_the_point_at_measured_speed(monkeypatch):
             out[name] = RatioEstimate(ratio, ratio * 0.98, ratio * 1.02, 0.95, 15)
         return Comparison(baseline, out, {}, {}, {}, None)
 
-    monkeypatch.setattr(tune_module, "compare", fake_compare)
+    monkeypatch.setattr(tune_search, "compare", fake_compare)
     model = make_model("vit", depth=6)
     result = tune_module.tune(model, _data(), speedup=1.3, methods=["tome"], step=4, search=("merge",))
     contest = [c for c in result.candidates if c.phase == "contest" and c.throughput_ratio is not None]

@@ -1,0 +1,111 @@
+"""Each phase of tune's search on its own (tokenslim.tune.search.Search), on a planted model with
+the deterministic stand-in timer of test_tune."""
+import time
+
+import torch
+
+import tokenslim.tune.search as tune_search
+from conftest import make_model
+from test_tune import _data, _fake_device
+from tokenslim.tune.record import Journal
+from tokenslim.tune.space import Point, moves, plain, shift
+
+
+def _planted(depth=6):
+    """The last two blocks barely change the output: reduction there costs almost nothing."""
+    model = make_model("vit", depth=depth)
+    with torch.no_grad():
+        model.head.weight.mul_(30.0)  # sharp outputs: KL differences well above rounding
+        for block in model.blocks[depth - 2:]:
+            for p in block.parameters():
+                p.mul_(1e-3)
+    return model
+
+
+def _search(model, speedup=1.3, budget_s=600.0, search=("merge",), prune_ok=False, step=4, journal=None):
+    aim = speedup * 1.03 if speedup else None
+    return tune_search.Search(model, _data(), journal or Journal(None, {}, False), speedup, None, aim, search,
+                              prune_ok, step, time.perf_counter() + budget_s,
+                              timing=dict(batch_size=4, img_size=None, rounds=15, device="cpu", precision="float32"),
+                              eval_kw=dict(batch_size=16, num_workers=0, device="cpu", progress=False),
+                              say=lambda msg: None)
+
+
+def test_space_moves_and_shifts():
+    p = Point((2, 0, 0), (0, 0, 0))
+    keys = [k for k, _ in moves(p, ("merge", "prune", "mlp"), True, 2)]
+    assert keys == [("merge", 0), ("merge", 1), ("merge", 2), ("prune", 0), ("prune", 1), ("prune", 2), ("mlp",)]
+    assert shift(p, 0, 2, 2) == Point((0, 0, 2), (0, 0, 0)) and shift(p, 1, 2, 2) is None
+    assert plain("ramp", 4, 3, (0, 0, 0), 0.0).r == (8, 4, 0)
+    assert Point((1, 0), (0, 4), 0.25).text("diffrate") == \
+        "r=[1,0],keep_rate=[0.01],prune_layers=(1,),mlp_pruned=0.25,method=diffrate"
+
+
+def test_greedy_phase_spends_reduction_where_it_costs_least(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    s = _search(_planted())
+    point, cand = s.greedy("tome", "", Point.origin(6), 1.15, None)
+    assert cand.mac_ratio >= 1.15
+    assert sum(point.r[:3]) <= sum(point.r[3:]), point.r
+
+
+def test_refine_phase_only_takes_moves_that_lower_the_kl_at_equal_compute(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    s = _search(_planted())
+    start = Point((0, 0, 0, 4, 4, 4), (0,) * 6)
+    first = s.assess(start.text("tome"), "tome", "test")
+    point, cand = s.refine("tome", "", start, first)
+    tried = [c for c in s.candidates if c.phase == "refine"]
+    assert len(tried) >= 5 * 3  # every move out of the three merging blocks was tried
+    assert cand.gmacs <= first.gmacs * tune_search.SIMILAR_MACS
+    if point != start:
+        assert cand.kl < first.kl - 1e-6
+    better = [c for c in tried if c.gmacs <= first.gmacs * tune_search.SIMILAR_MACS and c.kl < first.kl - 1e-6]
+    assert (point != start) == bool(better)  # it moves exactly when a better equal-compute move exists
+
+
+def test_challenge_phase_replaces_the_point_only_with_a_better_plain_schedule(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    s = _search(_planted())
+    start = Point((0, 0, 0, 0, 12, 12), (0,) * 6)  # the cheap late blocks: hard for plain schedules to beat
+    first = s.assess(start.text("tome"), "tome", "test")
+    point, cand = s.challenge("tome", "", start, first)
+    tried = {c.setting for c in s.candidates if c.phase == "challenge"}
+    assert any(t.startswith("r=[1,1,") for t in tried) and any(t.startswith("r=[2,1,") for t in tried)  # both
+    assert cand is first and point == start  # no plain schedule at this compute has a lower KL here
+    s2 = _search(_planted())
+    bad = Point((12, 12, 0, 0, 0, 0), (0,) * 6)
+    first = s2.assess(bad.text("tome"), "tome", "test")
+    point, cand = s2.challenge("tome", "", bad, first)
+    assert cand.kl <= first.kl and cand.gmacs <= first.gmacs * tune_search.SIMILAR_MACS
+    assert (cand is first) == (point == bad)
+
+
+def test_contest_phase_keeps_the_lowest_kl_that_reaches_the_aim(monkeypatch):
+    _fake_device(monkeypatch, efficiency=0.9)
+    s = _search(make_model("vit", depth=6), speedup=1.2)
+    point = Point((6, 6, 6, 6, 6, 6), (0,) * 6)
+    cand = s.assess(point.text("tome"), "tome", "test")
+    assert s.measure(cand) >= s.aim  # the contest starts from a point that reaches the aim
+    best = s.contest("tome", "", point, cand)
+    timed = [c for c in s.candidates if (c.throughput_ratio or 0) >= s.aim]
+    assert best.throughput_ratio >= s.aim and best.kl <= min(c.kl for c in timed) + 1e-12
+
+
+def test_measure_times_once_through_the_journal(monkeypatch, tmp_path):
+    _fake_device(monkeypatch, efficiency=1.0)
+    calls = []
+    real = tune_search.compare
+    monkeypatch.setattr(tune_search, "compare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = _search(make_model("vit", depth=4), journal=Journal(str(tmp_path / "j.jsonl"), {}, False))
+    cand = s.assess(Point((4, 0, 0, 0), (0,) * 4).text("tome"), "tome", "test")
+    first = s.measure(cand)
+    assert s.measure(cand) == first and len(calls) == 1
+    s.measure(cand, again=True)
+    assert len(calls) == 2  # an independent re-measurement is a new timing
+
+
+def test_reach_speed_phase_stops_on_the_budget(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    s = _search(make_model("vit", depth=6), speedup=1.5, budget_s=0.0)
+    assert s.reach_speed("tome", "") is None  # no time: no unfinished point is passed off as a result

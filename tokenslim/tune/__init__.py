@@ -1,0 +1,177 @@
+"""``tokenslim.tune``: the most faithful setting that reaches a measured speed-up on this device.
+
+The search needs no labels. Fidelity is measured against the unpatched model on calibration
+images (mean KL of the outputs, top-1 agreement; top-1 as well when labels exist); speed is
+measured with the interleaved timer on the device, batch size, precision and input size given.
+GMACs only steer the search between measurements.
+
+Search, per method in ``methods``:
+
+1. Greedy allocation: starting from no reduction, repeatedly take the one step that costs the
+   least fidelity per MAC saved, among: ``step`` more merges in one block, one block's pruning a
+   level lower, a larger share of MLP channels removed (every option is evaluated at every step),
+   until the MAC ratio reaches the MAC ratio the target needs. Where in the network tokens are
+   removed, and how, matters; this finds it from measured sensitivity instead of a fixed ramp. (On
+   a class-token model, pruning the last block down to one token costs nothing: only the class
+   token is read after it. The search finds that first.)
+2. Measure: time the candidate interleaved with the unpatched model. The measured efficiency
+   (speed-up / MAC ratio) corrects the MAC ratio the target needs; continue the greedy walk and
+   measure again, until the target (plus ``margin``) is met. A point that overshoots it by more
+   than 3% sends the walk back to the last point short of it, to approach again with half the
+   merge step.
+3. Refine: move ``step`` tokens from one block to another while the MACs stay the same; keep moves
+   that improve fidelity. Then challenge: the plain schedules (constant ``r``, ToMe's ramp
+   ``(r, -1)``) at the same compute, with the pruning found, replace the point if their KL is lower.
+4. Contest at the measured target: equal MACs are not equal speed, so once a point reaches the
+   aim, the weakest plain schedule of each family (with the pruning found and without) that also
+   reaches it when timed is found; the lowest KL among the points that reach the aim wins. A plain
+   winner is refined as in 3 and kept refined if it still reaches the aim when timed.
+
+The method with the best fidelity at the target wins; it is re-measured once more. With
+``max_drop`` instead of ``speedup`` the greedy walk goes on while the drop (top-1 points when
+labels exist, else disagreement in percent) stays within the budget, and the fastest setting found
+is returned.
+
+The phases are the methods of :class:`tokenslim.tune.search.Search`; the search space (points,
+steps, plain schedule families) is :mod:`tokenslim.tune.space`; candidates, the journal and the
+output files are :mod:`tokenslim.tune.record`.
+
+Every evaluated candidate and every timing is appended to ``candidates.jsonl`` in ``out_dir`` when
+it finishes; a rerun of the same tuning replays them from that file instead of recomputing, so a
+killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..fingerprint import fingerprint
+from .record import Candidate, Journal, TuneResult, candidates_png, write_outputs
+from .search import Search
+from .space import KEEP_LEVELS, SEARCH_SPACES
+
+DEFAULT_METHODS = ("tome", "diffrate")
+
+
+def tune(
+    model: nn.Module,
+    data: Dataset,
+    speedup: Optional[float] = 1.5,
+    max_drop: Optional[float] = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    step: int = 2,
+    search: Sequence[str] = SEARCH_SPACES,
+    margin: float = 0.03,
+    batch_size: int = 64,
+    img_size: Optional[int] = None,
+    device: Optional[str] = None,
+    precision: str = "float32",
+    rounds: int = 25,
+    budget_min: float = 20.0,
+    eval_batch_size: int = 128,
+    num_workers: int = 0,
+    method_options: Optional[Dict[str, str]] = None,
+    out_dir: Optional[str] = None,
+    fresh: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+    run_info: Optional[Dict[str, Any]] = None,
+) -> TuneResult:
+    """Find the most faithful setting that reaches ``speedup`` (or the fastest within ``max_drop``).
+
+    Args:
+        model: the unpatched model (left unchanged).
+        data: calibration images ``(image, label)``; a few hundred to a few thousand. Labels are
+            used for top-1 only when they are valid class indices.
+        speedup: measured throughput ratio to reach at ``batch_size`` (interleaved timer).
+        max_drop: alternative target: the fastest setting whose drop is at most this many points
+            (top-1 with labels, else disagreement in %). Pass ``speedup=None`` with it.
+        methods: reduction methods to search (see :mod:`tokenslim.methods`).
+        step: tokens added to a block per greedy step.
+        search: what a greedy step may change: ``"merge"`` (``step`` more merges in one block),
+            ``"prune"`` (one block's pruning one level down :data:`KEEP_LEVELS`, without fusion;
+            only on models with a class token, where pruning ranks by class attention) and
+            ``"mlp"`` (``0.125`` more of every MLP's hidden channels removed and materialised,
+            up to ``0.5``). Every step is judged by the same KL per MAC saved.
+        margin: the search aims ``margin`` above the target (``speedup * (1 + margin)``), so that
+            an independent re-measurement, which drifts by a few percent on shared machines,
+            still reaches the target.
+        batch_size, img_size, device, precision, rounds: the timing conditions.
+        budget_min: wall-time budget; the search returns its best so far when it runs out.
+        method_options: extra settings text per method, e.g. ``{"ppt": "threshold=0.7"}``.
+        out_dir: where ``candidates.jsonl``, ``candidates.csv`` and ``tune.json`` go (resumable).
+        progress: called with one line per candidate.
+
+    Returns:
+        A :class:`TuneResult`; ``result.setting`` is settings text.
+    """
+    if (speedup is None) == (max_drop is None):
+        raise ValueError("give exactly one target: speedup=... (e.g. 1.5) or max_drop=... (points)")
+    if speedup is not None and not speedup > 1.0:
+        raise ValueError(f"speedup must be > 1 (a speed-up over the unpatched model), got {speedup}")
+    if max_drop is not None and not max_drop >= 0:
+        raise ValueError(f"max_drop must be >= 0 points, got {max_drop}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if budget_min <= 0:
+        raise ValueError(f"budget_min must be > 0, got {budget_min}")
+    search = tuple(search)
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must lie in [0, 1), got {margin}")
+    aim = speedup * (1 + margin) if speedup is not None else None
+    unknown = [s for s in search if s not in SEARCH_SPACES]
+    if unknown or not search:
+        raise ValueError(f"search takes a non-empty subset of {', '.join(SEARCH_SPACES)}; got {list(search)}")
+    # Pruning ranks tokens by the class token's attention: only where there is one.
+    # Pruning ranks tokens by the class token's attention and, unfused, leaves patches without a
+    # token: only where there is a class token and the head reads it alone.
+    from ..adapters.timm_vit import _pools_patches
+
+    prune_ok = "prune" in search and getattr(model, "cls_token", None) is not None and not _pools_patches(model)
+    from ..methods import get_method
+
+    for m in methods:
+        get_method(m)
+    method_options = dict(method_options or {})
+    say = progress or (lambda msg: None)
+    start = time.perf_counter()
+    deadline = start + 60.0 * budget_min
+    run = fingerprint(model, data, target=speedup, max_drop=max_drop, methods=list(methods), step=step,
+                      search=list(search), margin=margin, batch_size=batch_size, img_size=img_size,
+                      precision=precision, rounds=rounds, method_options=method_options, **(run_info or {}))
+    journal = Journal(os.path.join(out_dir, "candidates.jsonl") if out_dir else None, run, fresh)
+    searcher = Search(model, data, journal, speedup, max_drop, aim, search, prune_ok, step, deadline,
+                      timing=dict(batch_size=batch_size, img_size=img_size, rounds=rounds, device=device,
+                                  precision=precision),
+                      eval_kw=dict(batch_size=eval_batch_size, num_workers=num_workers, device=device,
+                                   progress=False),
+                      say=say)
+    finals: List[Candidate] = []
+    for method in methods:
+        extra = method_options.get(method, "")
+        current = searcher.reach_speed(method, extra) if speedup is not None else searcher.within_drop(method, extra)
+        if current is not None:
+            finals.append(current)
+    if not finals:
+        raise RuntimeError("tuning found no setting that reduces anything; is the model too small for step="
+                           f"{step}?")
+    if speedup is not None:
+        reached = [c for c in finals if (c.throughput_ratio or 0) >= aim]
+        pool = reached or finals
+        best = min(pool, key=lambda c: (c.kl, -(c.throughput_ratio or 0))) if reached else \
+            max(pool, key=lambda c: c.throughput_ratio or 0)
+        searcher.measure(best, again=True)  # an independent re-measurement of the winner
+    else:
+        best = max(finals, key=lambda c: c.throughput_ratio or 0)
+    result = TuneResult(setting=best.setting, best=best, candidates=searcher.candidates, target=speedup,
+                        max_drop=max_drop, seconds=time.perf_counter() - start)
+    if out_dir:
+        result.files = write_outputs(result, out_dir)
+    return result
+
+
+__all__ = ["DEFAULT_METHODS", "KEEP_LEVELS", "SEARCH_SPACES", "Candidate", "Search", "TuneResult", "candidates_png",
+           "tune"]

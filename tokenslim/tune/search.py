@@ -1,0 +1,330 @@
+"""The search behind ``tune`` as an object with explicit state, one method per phase.
+
+:class:`Search` holds what every phase shares: the unpatched model and its outputs on the
+calibration images, the journal (every evaluation and timing, replayed on a rerun), the deadline,
+the candidates seen, the lazy-greedy bounds and the current merge step. The phases:
+
+* :meth:`Search.greedy`: the cheapest step per MAC saved, repeated up to a MAC goal;
+* :meth:`Search.reach_speed`: greedy walks corrected by measured efficiency until the aim is met,
+  backing off after an overshoot with a smaller merge step;
+* :meth:`Search.refine`: merges moved between blocks at equal compute while the KL improves;
+* :meth:`Search.challenge`: plain schedules at the same compute replace the point if better;
+* :meth:`Search.contest`: at the measured aim, the weakest plain schedule of each family that
+  also reaches it when timed, the lowest KL winning.
+
+Each phase reads and returns points and candidates; none keeps hidden state of its own.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..evaluate import evaluate
+from ..measure.benchmark import compare
+from ..measure.macs import count_macs
+from ..spec import apply_setting, parse_setting
+from .record import Candidate, Journal
+from .space import KEEP_LEVELS, PLAIN_FAMILIES, Point, moves, plain, shift
+
+FREE_KL = 1e-7
+"""A step that raises the mean KL by less than this costs nothing (float rounding)."""
+SIMILAR_MACS = 1.002
+"""Compute within 0.2% counts as equal (refine and challenge compare points at equal compute)."""
+
+
+class Search:
+    """One tuning search on ``model`` (unchanged) with calibration ``data``.
+
+    Args:
+        model: the unpatched model.
+        data: calibration images.
+        journal: the record replayed instead of recomputing.
+        speedup, max_drop: the target (exactly one is set).
+        aim: the speed-up to reach when timed (``speedup`` plus the margin).
+        search: the parts of the search space in use (:data:`~tokenslim.tune.space.SEARCH_SPACES`).
+        prune_ok: whether pruning steps are allowed on this model.
+        step: merges per greedy step.
+        deadline: ``time.perf_counter()`` value at which the budget ends.
+        timing: keyword arguments of the interleaved timer (batch size, rounds, device, ...).
+        eval_kw: keyword arguments of :func:`tokenslim.evaluate.evaluate`.
+        say: progress lines.
+    """
+
+    def __init__(self, model: nn.Module, data: Dataset, journal: Journal, speedup: Optional[float],
+                 max_drop: Optional[float], aim: Optional[float], search: Sequence[str], prune_ok: bool, step: int,
+                 deadline: float, timing: Dict[str, Any], eval_kw: Dict[str, Any],
+                 say: Callable[[str], None]) -> None:
+        self.model, self.data, self.journal = model, data, journal
+        self.speedup, self.max_drop, self.aim = speedup, max_drop, aim
+        self.search, self.prune_ok, self.step = tuple(search), prune_ok, step
+        self.deadline, self.timing, self.eval_kw, self.say = deadline, timing, eval_kw, say
+        self.depth = len(model.blocks)
+        self.merge_step = step
+        self.candidates: List[Candidate] = []
+        self.stale: Dict[str, Dict[Tuple[Any, ...], Tuple[float, float]]] = {}
+        self._macs_by_plan: Dict[Tuple[Any, ...], float] = {}
+        say(f"calibration: unpatched outputs on {len(data)} images")
+        base = evaluate(model, data, keep_logits=True, **eval_kw)
+        self.ref_logits = base.logits
+        from ..evaluate import dataset_targets
+
+        targets = dataset_targets(data)
+        self.use_labels = targets is not None and all(0 <= t < self.ref_logits.shape[1] for t in targets)
+        self.base_gmacs = count_macs(model, img_size=timing.get("img_size")).gmacs
+
+    # -- evaluation and timing, through the journal ------------------------------------------
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    def _gmacs(self, candidate_model: nn.Module, method: str, mlp: float) -> float:
+        # Compute follows from the token counts (and the method's own matching work): count once.
+        from ..adapters.timm_vit import token_plan
+
+        img_size = self.timing.get("img_size")
+        key = (method, token_plan(candidate_model, img_size).tokens, mlp)
+        if key not in self._macs_by_plan:
+            self._macs_by_plan[key] = count_macs(candidate_model, img_size=img_size).gmacs
+        return self._macs_by_plan[key]
+
+    def assess(self, text: str, method: str, phase: str) -> Candidate:
+        """The candidate for settings ``text``: fidelity on the calibration images (from the
+        journal when it is there), with its timing if it was ever timed."""
+        if text in self.journal.evals:
+            row = self.journal.evals[text]
+        else:
+            setting = parse_setting(text)
+            candidate_model = apply_setting(copy.deepcopy(self.model), setting)
+            gmacs = self._gmacs(candidate_model, method, float(setting.get("mlp_pruned", 0.0)))
+            res = evaluate(candidate_model, self.data, reference_logits=self.ref_logits, **self.eval_kw)
+            row = {"method": method, "gmacs": gmacs, "mac_ratio": self.base_gmacs / gmacs, "kl": res.kl,
+                   "agreement": res.agreement, "top1": res.top1 if self.use_labels else None,
+                   "top1_diff": res.top1_diff if self.use_labels else None}
+            self.journal.add("eval", text, row)
+        cand = Candidate(setting=text, method=method, gmacs=row["gmacs"], mac_ratio=row["mac_ratio"], kl=row["kl"],
+                         agreement=row["agreement"], top1=row["top1"], top1_diff=row["top1_diff"], phase=phase)
+        timing = self.journal.timings.get(text)
+        if timing:
+            cand.throughput_ratio = timing["throughput_ratio"]
+            cand.throughput_ratio_low, cand.throughput_ratio_high = timing["low"], timing["high"]
+        self.candidates.append(cand)
+        return cand
+
+    def measure(self, cand: Candidate, again: bool = False) -> float:
+        """``cand``'s speed-up, timed interleaved with the unpatched model (once; ``again`` for an
+        independent re-measurement)."""
+        key = cand.setting + (" (re-measured)" if again else "")
+        if key not in self.journal.timings:
+            self.say(f"timing {cand.setting} (MAC ratio {cand.mac_ratio:.2f}) interleaved with the unpatched model")
+            models = {"none": self.model,
+                      "candidate": apply_setting(copy.deepcopy(self.model), parse_setting(cand.setting))}
+            result = compare(models, baseline="none", latency=False, **self.timing)
+            tp = result.throughput["candidate"]
+            self.journal.add("timing", key, {"throughput_ratio": tp.median, "low": tp.low, "high": tp.high})
+        t = self.journal.timings[key]
+        cand.throughput_ratio, cand.throughput_ratio_low, cand.throughput_ratio_high = (
+            t["throughput_ratio"], t["low"], t["high"])
+        self.say(f"  {cand.setting}: measured {cand.throughput_ratio:.2f}x (target {self.speedup})")
+        return cand.throughput_ratio
+
+    # -- phases ----------------------------------------------------------------------------------
+
+    def greedy(self, method: str, extra: str, point: Point, mac_goal: Optional[float],
+               current: Optional[Candidate]) -> Tuple[Point, Optional[Candidate]]:
+        """Extend ``point`` greedily until ``mac_goal`` (or the drop budget) is reached.
+
+        Lazy greedy: a step's cost per MAC only grows as more is removed, so each option's score
+        from an earlier step is a lower bound. Options are evaluated in the order of those bounds,
+        and the walk stops evaluating once the best fresh score beats every remaining bound.
+        """
+        stale = self.stale.setdefault(method, {})
+        while not self.out_of_time():
+            if mac_goal is not None and current is not None and current.mac_ratio >= mac_goal:
+                return point, current
+            best, best_point, best_score = None, None, None
+            base_cost = current.kl if current is not None else 0.0
+            base_macs = current.gmacs if current is not None else self.base_gmacs
+            options = sorted(moves(point, self.search, self.prune_ok, self.merge_step),
+                             key=lambda kt: stale.get(kt[0], (-math.inf, 0.0)))
+            for key, trial in options:
+                if best_score is not None and key in stale and stale[key] >= best_score:
+                    break  # every remaining option is bounded below by a worse score
+                cand = self.assess(trial.text(method, extra), method, "greedy")
+                saved = base_macs - cand.gmacs
+                if saved <= 1e-9:
+                    stale[key] = (math.inf, 0.0)  # nothing left to remove there
+                    continue
+                # Free steps (KL unchanged to rounding) tie at zero cost: the larger saving wins.
+                cost = cand.kl - base_cost
+                score = (max(cost, 0.0) / saved if cost > FREE_KL else 0.0, -saved)
+                stale[key] = score
+                if best_score is None or score < best_score:
+                    best, best_point, best_score = cand, trial, score
+            if best is None:
+                return point, current  # nothing more can be removed
+            if self.max_drop is not None and best.drop > self.max_drop:
+                return point, current
+            point, current = best_point, best
+            self.say(f"{method}: {best.setting}  MAC x{best.mac_ratio:.2f}  KL {best.kl:.4f}  "
+                     f"agree {best.agreement:.2f}%")
+        return point, current
+
+    def refine(self, method: str, extra: str, point: Point, current: Candidate) -> Tuple[Point, Candidate]:
+        """Move ``merge_step`` merges between blocks at equal compute while the KL improves."""
+        improved = True
+        while improved and not self.out_of_time() and "merge" in self.search:
+            improved = False
+            for i in range(self.depth):
+                for j in range(self.depth):
+                    trial = shift(point, i, j, self.merge_step)  # from the point as it is now
+                    if trial is None or self.out_of_time():
+                        continue
+                    cand = self.assess(trial.text(method, extra), method, "refine")
+                    if cand.gmacs <= current.gmacs * SIMILAR_MACS and cand.kl < current.kl - 1e-6:
+                        point, current, improved = trial, cand, True
+                        self.say(f"{method}: refined to {cand.setting}  KL {cand.kl:.4f}")
+        return point, current
+
+    def plain(self, method: str, extra: str, family: str, k: int, keep: Tuple[int, ...], mlp: float,
+              phase: str) -> Tuple[Point, Candidate]:
+        trial = plain(family, k, self.depth, keep, mlp)
+        return trial, self.assess(trial.text(method, extra), method, phase)
+
+    def weakest_plain(self, method: str, extra: str, family: str, keep: Tuple[int, ...], mlp: float, phase: str,
+                      enough: Callable[[Candidate], bool]) -> Optional[Tuple[int, Point, Candidate]]:
+        """The weakest member of a family that is ``enough``, walking up in strength; ``None`` when
+        time runs out or the family saturates first (every block at its limit)."""
+        previous = math.inf
+        for k in range(1, 65):
+            if self.out_of_time():
+                return None
+            trial, cand = self.plain(method, extra, family, k, keep, mlp, phase)
+            if enough(cand):
+                return k, trial, cand
+            if cand.gmacs >= previous * (1 - 1e-9):
+                return None
+            previous = cand.gmacs
+        return None
+
+    def challenge(self, method: str, extra: str, point: Point, current: Candidate) -> Tuple[Point, Candidate]:
+        """Pit the search's point against the plain schedules users try first: constant ``r`` and
+        ToMe's decreasing ramp ``(r, -1)``, each with the pruning and channels found so far. The
+        weakest member of each family that removes at least as much compute is evaluated; the
+        lowest KL wins. A greedy walk can get stuck where a plain schedule is better."""
+        if "merge" not in self.search:
+            return point, current
+        best_point, best = point, current
+        for family in PLAIN_FAMILIES:
+            found = self.weakest_plain(method, extra, family, point.keep, point.mlp, "challenge",
+                                       lambda c: c.gmacs <= current.gmacs * SIMILAR_MACS)
+            if found is not None and found[2].kl < best.kl:
+                _, best_point, best = found
+                self.say(f"{method}: plain schedule {best.setting} beats the search: KL {best.kl:.4f}")
+        return best_point, best
+
+    def contest(self, method: str, extra: str, point: Point, current: Candidate) -> Candidate:
+        """At the measured aim (``current`` reaches it when timed), the plain schedules challenge
+        the point found: for constant ``r`` and ToMe's ramp ``(r, -1)``, each with the pruning
+        found and without any, the weakest member that reaches the aim when timed. Equal MACs are
+        not equal speed, so this compares what the user gets: fidelity at the measured speed. The
+        lowest KL among the points that reach the aim wins; a plain winner is refined and kept
+        refined if it still reaches the aim when timed."""
+        if "merge" not in self.search:
+            return current
+        efficiency = current.throughput_ratio / current.mac_ratio
+        best, best_point = current, point
+        for family in PLAIN_FAMILIES:
+            for keep in [point.keep] + ([(0,) * self.depth] if any(point.keep) else []):
+                # The weakest member predicted (by the point's efficiency) to reach the aim ...
+                found = self.weakest_plain(method, extra, family, keep, point.mlp, "contest",
+                                           lambda c: c.mac_ratio * efficiency >= self.aim * 0.97)
+                if found is None:
+                    continue
+                reached = self._weakest_timed(method, extra, family, keep, point.mlp, found[0], best.kl)
+                if reached is not None and reached[1].kl < best.kl:
+                    best_point, best = reached
+                    self.say(f"{method}: plain {best.setting} reaches {best.throughput_ratio:.2f}x with a lower KL "
+                             f"({best.kl:.4f}): it replaces the search's point")
+        if best is not current:
+            # The greedy walk missed this basin: refine from the plain schedule instead, and keep
+            # the refined point if it still reaches the aim when timed.
+            _, refined = self.refine(method, extra, best_point, best)
+            if refined is not best and self.measure(refined) >= self.aim:
+                best = refined
+        return best
+
+    def _weakest_timed(self, method: str, extra: str, family: str, keep: Tuple[int, ...], mlp: float, start: int,
+                       to_beat: float) -> Optional[Tuple[Point, Candidate]]:
+        """From strength ``start``, timed one strength up or down until it is the weakest member
+        that reaches the aim; ``None`` if none does (or none can beat ``to_beat`` going up)."""
+        k = start
+        reached: Optional[Tuple[Point, Candidate]] = None
+        while 1 <= k < 64 and not self.out_of_time():
+            trial, cand = self.plain(method, extra, family, k, keep, mlp, "contest")
+            if reached is None and k != start and cand.kl >= to_beat:
+                break  # going up, it cannot win: stronger members lose even more
+            if self.measure(cand) >= self.aim:
+                reached, k = (trial, cand), k - 1
+            elif reached is not None:
+                break
+            else:
+                k += 1
+        return reached
+
+    def reach_speed(self, method: str, extra: str) -> Optional[Candidate]:
+        """Greedy walks, each followed by refine, challenge and a timing; the measured efficiency
+        corrects the MAC goal until the aim is met. An overshoot of more than 3% goes back to the
+        last point short of the aim and approaches again with half the merge step. A point that
+        reaches the aim is then contested by the plain schedules."""
+        point, current = Point.origin(self.depth), None
+        goal = self.speedup  # MAC ratio needed, corrected by measured efficiency
+        below: Optional[Tuple[Point, Candidate]] = None  # the last point measured short of the aim
+        reached: Optional[Candidate] = None
+        self.merge_step = self.step
+        for _ in range(8):
+            point, current = self.greedy(method, extra, point, goal, current)
+            if current is None or self.out_of_time():
+                break
+            point, current = self.refine(method, extra, point, current)
+            point, current = self.challenge(method, extra, point, current)
+            measured = self.measure(current)
+            efficiency = measured / current.mac_ratio
+            if measured >= self.aim:
+                reached = current
+                if measured <= self.aim * 1.03 or below is None or self.merge_step == 1:
+                    break
+                # Overshot by a whole coarse step: go back to the last point short of the aim
+                # and approach again in smaller steps (less reduction, less accuracy lost).
+                self.merge_step = max(1, self.merge_step // 2)
+                point, current = below
+                self.stale[method] = {}  # bounds from beyond this point no longer hold
+                goal = self.aim / max(efficiency, 0.3) * 1.01
+                self.say(f"{method}: {measured:.2f}x overshoots {self.aim:.2f}; back to {current.setting} with steps "
+                         f"of {self.merge_step}, aiming for MAC ratio {goal:.2f}")
+                continue
+            if reached is not None:
+                break  # the finer approach fell short: keep the point that reached the aim
+            below = (point, current)
+            goal = max(goal, self.aim / max(efficiency, 0.3)) * 1.02
+            self.say(f"{method}: {measured:.2f}x measured < {self.aim:.2f} (target + margin); aiming for MAC ratio "
+                     f"{goal:.2f}")
+        if reached is not None and (current is None or (current.throughput_ratio or 0) < self.aim):
+            current = reached
+        if current is not None and (current.throughput_ratio or 0) >= self.aim:
+            current = self.contest(method, extra, point, current)
+        return current
+
+    def within_drop(self, method: str, extra: str) -> Optional[Candidate]:
+        """The greedy walk while the drop stays within ``max_drop``; the point reached, timed."""
+        _, current = self.greedy(method, extra, Point.origin(self.depth), None, None)
+        if current is not None:
+            self.measure(current)
+        return current
+
+
+__all__ = ["FREE_KL", "KEEP_LEVELS", "Search"]
