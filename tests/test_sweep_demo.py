@@ -86,3 +86,28 @@ def test_demo_uses_the_shipped_checkpoint_when_its_recipe_matches(tmp_path, caps
     run_demo(str(tmp_path / "c"), settings=["r=4"], train_images=128, test_images=40, epochs=2, rounds=15,
              batch_size=8)  # another recipe: trained here
     assert "epoch 2/2" in capsys.readouterr().err
+
+
+def test_pareto_plot_shows_the_useful_range_and_keeps_labels_apart(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tokenslim.sweep import _place_labels, pareto_png, useful_range
+
+    low, high = useful_range([75.8, 75.5, 74.9, 38.7])  # one collapsed setting
+    assert 62.0 < low < 64.0 and high > 75.8
+    assert useful_range([75.8, 75.0])[0] < 75.0  # a small spread is shown whole
+    fig, ax = plt.subplots()
+    ax.set_xlim(0.9, 2.1)
+    ax.set_ylim(74, 76)
+    points = [(1.0 + 0.01 * i, 75.0 + 0.01 * i) for i in range(6)]  # six nearly coincident points
+    boxes = _place_labels(ax, fig, points, [f"r={i},method=diffrate" for i in range(6)])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+    rows = [{"setting": s, "top1": t, "throughput_ratio": x, "throughput_ratio_low": x - 0.05,
+             "throughput_ratio_high": x + 0.05, "pareto": p}
+            for s, t, x, p in (("none", 75.8, 1.0, True), ("r=8", 75.3, 1.4, True), ("mlp_pruned=0.5", 38.7, 1.4, False))]
+    assert pareto_png(rows, str(tmp_path / "p.png")) and (tmp_path / "p.png").stat().st_size > 1000

@@ -204,9 +204,9 @@ def pareto_svg(rows: Sequence[Dict[str, Any]], title: str = "") -> str:
     xs = [r["throughput_ratio"] for r in rows]
     ys = [r["top1"] for r in rows]
     x0, x1 = min(xs + [1.0]), max(xs + [1.0])
-    y0, y1 = min(ys), max(ys)
-    pad_x, pad_y = (x1 - x0) * 0.08 or 0.1, (y1 - y0) * 0.1 or 1.0
-    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+    pad_x = (x1 - x0) * 0.08 or 0.1
+    x0, x1 = x0 - pad_x, x1 + pad_x
+    y0, y1 = useful_range(ys)
 
     def px(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * (w - left - right)
@@ -225,17 +225,19 @@ def pareto_svg(rows: Sequence[Dict[str, Any]], title: str = "") -> str:
         out.append(f'<text x="{left - 48}" y="{py(yv) + 4:.1f}">{yv:.1f}</text>')
     out.append(f'<text x="{(w - right + left) / 2 - 110}" y="{h - 12}">throughput ratio vs unpatched (median, measured)</text>')
     out.append(f'<text x="14" y="{(h) / 2 + 30}" transform="rotate(-90 14 {(h) / 2 + 30})">top-1 accuracy (%)</text>')
-    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["throughput_ratio"])
+    front = sorted((r for r in rows if r.get("pareto") and r["top1"] >= y0), key=lambda r: r["throughput_ratio"])
     if len(front) > 1:
         pts = " ".join(f"{px(r['throughput_ratio']):.1f},{py(r['top1']):.1f}" for r in front)
         out.append(f'<polyline points="{pts}" fill="none" stroke="#d62728" stroke-width="1.5"/>')
     for r in rows:
-        x, y = px(r["throughput_ratio"]), py(r["top1"])
+        clipped = r["top1"] < y0
+        x, y = px(r["throughput_ratio"]), py(max(r["top1"], y0 + (y1 - y0) * 0.02))
         lo, hi = px(r["throughput_ratio_low"]), px(r["throughput_ratio_high"])
         color = "#d62728" if r.get("pareto") else "#1f77b4"
+        label = f'{r["setting"]} ({r["top1"]:.1f}, below the axis)' if clipped else r["setting"]
         out.append(f'<line x1="{lo:.1f}" y1="{y:.1f}" x2="{hi:.1f}" y2="{y:.1f}" stroke="{color}"/>')
         out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{color}"/>')
-        out.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="10">{_escape(r["setting"])}</text>')
+        out.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="10">{_escape(label)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -252,10 +254,46 @@ def check_out_dir(out_dir: str) -> None:
         raise ValueError(f"the output folder {out_dir} is not writable")
 
 
+def useful_range(values: Sequence[float], span: float = 12.0) -> Tuple[float, float]:
+    """The y-range worth showing: from the best value down ``span`` points (or to the lowest value,
+    when that is closer), padded; points below it are drawn on the lower edge, labelled with their
+    value, so one collapsed setting does not squash every other point into a line."""
+    top = max(values)
+    low = max(min(values), top - span)
+    pad = max((top - low) * 0.08, 0.2)
+    return low - pad, top + pad
+
+
+def _place_labels(ax, fig, points: Sequence[Tuple[float, float]], texts: Sequence[str]) -> list:
+    """Annotate each point, moving a label up (then down) in steps of its height until it overlaps no
+    label placed before it: readable without a dependency."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    for i in order:
+        x, y = points[i]
+        chosen = None
+        for k in range(0, 16):
+            dy = 4 + (k + 1) // 2 * 8 * (1 if k % 2 else -1)
+            ann = ax.annotate(texts[i], (x, y), textcoords="offset points", xytext=(5, dy), fontsize=6.5)
+            box = ann.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                chosen = box
+                break
+            ann.remove()
+        if chosen is None:  # crowded: keep the last try rather than drop the label
+            ann = ax.annotate(texts[i], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=6.5)
+            chosen = ann.get_window_extent(renderer)
+        placed.append(chosen)
+    return placed
+
+
 def pareto_png(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> bool:
     """Top-1 against measured throughput ratio as a PNG (matplotlib, the ``plot`` extra), with the
-    95% interval of each ratio as a horizontal bar and the Pareto front joined. Returns ``False``
-    (writing nothing) when matplotlib is not installed."""
+    95% interval of each ratio as a horizontal bar and the Pareto front joined. Labels are moved
+    apart until they do not overlap; the y-axis shows the useful range (:func:`useful_range`).
+    Returns ``False`` (writing nothing) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -264,22 +302,29 @@ def pareto_png(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> bo
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    y0, y1 = useful_range([r["top1"] for r in rows])
+    points, texts = [], []
     for r in rows:
         x, y = r["throughput_ratio"], r["top1"]
         color = "#d62728" if r.get("pareto") else "#1f77b4"
-        ax.errorbar([x], [y], xerr=[[x - r["throughput_ratio_low"]], [r["throughput_ratio_high"] - x]], fmt="o",
-                    color=color, ms=4, capsize=2, lw=1)
-        ax.annotate(r["setting"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6.5)
-    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["throughput_ratio"])
+        clipped = y < y0
+        shown = y0 + (y1 - y0) * 0.02 if clipped else y
+        ax.errorbar([x], [shown], xerr=[[x - r["throughput_ratio_low"]], [r["throughput_ratio_high"] - x]],
+                    fmt="v" if clipped else "o", color=color, ms=4, capsize=2, lw=1)
+        points.append((x, shown))
+        texts.append(f"{r['setting']} ({y:.1f}, below the axis)" if clipped else r["setting"])
+    front = sorted((r for r in rows if r.get("pareto") and r["top1"] >= y0), key=lambda r: r["throughput_ratio"])
     if len(front) > 1:
         ax.plot([r["throughput_ratio"] for r in front], [r["top1"] for r in front], color="#d62728", lw=1,
                 label="Pareto front")
         ax.legend(loc="lower left", fontsize=8)
+    ax.set_ylim(y0, y1)
     ax.set_xlabel("throughput ratio vs unpatched (median of interleaved rounds, 95% interval)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    _place_labels(ax, fig, points, texts)
     fig.savefig(path)
     plt.close(fig)
     return True

@@ -73,8 +73,18 @@ def run_demo(
     paths = write_outputs(rows, out_dir, "demo_sweep", title="demo ViT on generated shapes: top-1 vs measured speed-up")
     print(format_sweep(rows))
     print("* = on the accuracy/throughput Pareto front; d top1 = paired difference to the unpatched model")
+    print(timing_note(rows, rounds))
     print("wrote " + ", ".join(paths.values()))
     return rows
+
+
+def timing_note(rows: List[dict], rounds: int) -> str:
+    """How far to trust the speed column: its widest 95% interval, and that runs differ by more."""
+    widest = max(rows, key=lambda r: r["throughput_ratio_high"] - r["throughput_ratio_low"])
+    return (f"speed: median of {rounds} interleaved rounds with its 95% interval (widest: {widest['setting']} "
+            f"[{widest['throughput_ratio_low']:.2f}, {widest['throughput_ratio_high']:.2f}]); on a small model and a "
+            "shared CPU two runs can differ by more than that, so compare rows of one run, and give more --rounds "
+            "or a larger --batch-size for steadier ratios")
 
 
 def _packaged_matches(train_images: int, epochs: int) -> bool:
