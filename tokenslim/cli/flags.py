@@ -112,11 +112,15 @@ def check_common(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
         if kind == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
-    for flag in ("threads", "batch_size", "eval_batch_size", "train_batch_size", "rounds", "epochs", "limit",
-                 "train_images", "img_size", "holdout", "steps", "lora_rank"):
+    for flag in ("threads", "batch_size", "eval_batch_size", "train_batch_size", "rounds", "limit",
+                 "train_images", "img_size", "holdout", "steps", "lora_rank", "grad_accum_steps", "val_limit",
+                 "lr_base_size"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    epochs = getattr(args, "epochs", None)
+    if epochs is not None and not epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {epochs}")
     rounds = getattr(args, "rounds", None)
     if rounds is not None and rounds < 15:
         raise ValueError(f"--rounds must be >= 15 (fewer rounds give no meaningful interval), got {rounds}")

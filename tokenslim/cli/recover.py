@@ -22,13 +22,31 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
                         "give the original model when recovering a recovered checkpoint again")
     p.add_argument("--trainable", default="bias_norm", help=f"what trains: {TRAINABLE}")
     flags.alias(p, "--method", "--trainable")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (default 300 without --epochs)")
+    length.add_argument("--epochs", type=float, default=None,
+                        help="passes over the training images instead of --steps (fractions allowed)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default 1e-3 bias/norm, 5e-4 LoRA, 1e-4 full)")
+    p.add_argument("--lr-base", type=float, default=None,
+                   help="instead of --lr, timm's convention: lr = LR_BASE x global batch / --lr-base-size")
+    p.add_argument("--lr-base-size", type=int, default=256, help="the batch --lr-base is stated for")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha is twice the rank)")
-    p.add_argument("--train-batch-size", type=int, default=64, metavar="N", help="training batch size")
+    p.add_argument("--train-batch-size", type=int, default=64, metavar="N",
+                   help="the global training batch: images per step over all ranks (under torchrun each rank "
+                        "takes an even share)")
     flags.alias(p, "--batch-size", "--train-batch-size", type=int)
-    flags.add(p, "limit", "seed", limit={"default": 2000, "help": "training images"})
+    p.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                   help="split each rank's share into N forward/backward passes before one update (less memory)")
+    flags.add(p, "limit", "seed", "precision", "device", limit={"default": 2000, "help": "training images"},
+              precision={"help": "recovery trains float32 weights: float32 or amp_bfloat16/amp_float16 autocast"})
+    p.add_argument("--dataset", default=None, metavar="NAME",
+                   help="read --data through timm's create_dataset with this name (e.g. hfds/cifar10, wds/..., "
+                        "torch/cifar10: --data is its root); default: a folder, .tar(.gz) or label file")
+    p.add_argument("--val", default=None, metavar="PATH",
+                   help="validation images evaluated after every epoch (top-1 and KL to the teacher); the best "
+                        "epoch's parameters are kept")
+    p.add_argument("--val-limit", type=int, default=None, metavar="N", help="a deterministic subset of --val")
     p.add_argument("--ce-weight", type=float, default=0.0, help="add cross-entropy on the labels with this weight")
     p.add_argument("--augment", action="store_true",
                    help="light augmentation (random 60-100%% crop, flip) instead of the evaluation transform")
@@ -104,25 +122,64 @@ def run_recover_cmd(args: argparse.Namespace):
         from ..evaluate.data import light_augmentation
 
         transform = light_augmentation(config)
-    data = subset(open_dataset(args.data, transform), args.limit, args.seed)
+    data = _training_data(args, transform)
+    val = None
+    if args.val:
+        val_transform, _ = resolve_transform(start)
+        val = subset(open_dataset(args.val, val_transform), args.val_limit, args.seed)
+    if args.steps is None and args.epochs is None:
+        args.steps = 300
+    if args.lr_base is not None:
+        if args.lr is not None:
+            raise ValueError("give --lr or --lr-base, not both")
+        args.lr = args.lr_base * args.train_batch_size / args.lr_base_size
     results = []
     for setting, path, state in zip(settings, paths, states):
-        results.append(_recover_one(args, start, teacher, name, config, data, setting, path, state))
+        results.append(_recover_one(args, start, teacher, name, config, data, val, setting, path, state))
     return results[0] if len(results) == 1 else results
 
 
-def _recover_one(args, start, teacher, name, config, data, setting, path, state):
+def _training_data(args: argparse.Namespace, transform):
+    """The training images: tokenslim's readers, or timm's ``create_dataset`` with ``--dataset``."""
+    from ..evaluate import open_dataset, subset
+
+    if args.dataset is None:
+        return subset(open_dataset(args.data, transform), args.limit, args.seed)
+    from timm.data import create_dataset
+
+    try:
+        data = create_dataset(args.dataset, root=args.data, split="train", is_training=True, download=False,
+                              transform=transform, batch_size=args.train_batch_size, seed=args.seed)
+    except Exception as e:  # noqa: BLE001  timm's readers raise many kinds; say which data set failed
+        raise ValueError(f"--dataset {args.dataset} with --data {args.data}: timm could not open it "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    from torch.utils.data import IterableDataset
+
+    if isinstance(data, IterableDataset):
+        if args.limit is not None and args.limit != 2000:
+            raise ValueError("--limit picks images of a map-style data set; a stream is read as it comes")
+        return data
+    if getattr(data, "transform", None) is None and hasattr(data, "transform"):
+        data.transform = transform
+    return subset(data, args.limit, args.seed)
+
+
+def _recover_one(args, start, teacher, name, config, data, val, setting, path, state):
+    from ..evaluate.distributed import current
     from ..loading import save_checkpoint
     from ..recover import recover
     from ..spec import CHANNEL_KEYS, apply_setting, format_setting
 
     model = apply_setting(copy.deepcopy(start), setting)
-    result = recover(model, teacher, data, method=args.trainable, steps=args.steps, lr=args.lr,
-                     batch_size=args.train_batch_size, ce_weight=args.ce_weight, num_workers=args.workers,
+    result = recover(model, teacher, data, method=args.trainable, steps=args.steps, epochs=args.epochs, lr=args.lr,
+                     batch_size=args.train_batch_size, accum=args.grad_accum_steps, precision=args.precision,
+                     ce_weight=args.ce_weight, num_workers=args.workers, device=args.device,
                      lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, mixup=args.mixup,
                      feature_weight=args.feature_weight, temperature=args.temperature, seed=args.seed,
-                     state_path=state, progress=not args.quiet,
+                     state_path=state, progress=not args.quiet, val_data=val,
                      run_info={"settings": format_setting(setting), "model": name, "augment": bool(args.augment)})
+    if not current().is_main:
+        return result  # rank 0 alone writes the checkpoint
     token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
     identity = _checkpoint_identity(start, args)
     save_checkpoint(model, path, identity["name"], identity["kwargs"],
@@ -132,11 +189,15 @@ def _recover_one(args, start, teacher, name, config, data, setting, path, state)
                            "augment": bool(args.augment), "mixup": args.mixup, "ce_weight": args.ce_weight,
                            "feature_weight": args.feature_weight, "temperature": args.temperature,
                            "images": result.images, "minutes": round(result.seconds / 60, 2),
+                           "epochs": result.epochs, "ranks": result.world_size, "batch_size": result.batch_size,
+                           "best": result.best,
                            "teacher": args.teacher or args.checkpoint or args.model},
                     settings=format_setting(token_setting) if token_setting else None)
-    print(f"recovered {format_setting(setting)} with {args.trainable}: {result.steps} steps on {result.images} "
-          f"images, {result.trainable} trained parameters, {result.seconds / 60:.1f} min; {result.loss_summary()}; "
-          f"wrote {path}")
+    ranks = f" on {result.world_size} ranks" if result.world_size > 1 else ""
+    best = f"; kept the best validated epoch {result.best['epoch']} (step {result.best['step']})" if result.best else ""
+    print(f"recovered {format_setting(setting)} with {args.trainable}: {result.steps} steps of {result.batch_size} "
+          f"on {result.images} images{ranks}, {result.trainable} trained parameters, {result.seconds / 60:.1f} min; "
+          f"{result.loss_summary()}{best}; wrote {path}")
     return result
 
 
