@@ -109,3 +109,58 @@ def test_reach_speed_phase_stops_on_the_budget(monkeypatch):
     _fake_device(monkeypatch, efficiency=1.0)
     s = _search(make_model("vit", depth=6), speedup=1.5, budget_s=0.0)
     assert s.reach_speed("tome", "") is None  # no time: no unfinished point is passed off as a result
+
+
+def test_screening_promotes_the_best_options_of_the_subset(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    s = _search(_planted(), search=("merge", "prune"), prune_ok=True)
+    s2 = tune_search.Search.__new__(tune_search.Search)  # the same search, screening on 8 of 16 images
+    s2.__dict__.update(s.__dict__)
+    from torch.utils.data import Subset
+
+    s2.screen, s2.promote = 8, 3
+    s2.screen_data, s2.screen_logits = Subset(s.data, list(range(8))), s.ref_logits[:8]
+    options = moves(Point.origin(6), ("merge", "prune"), True, 4)
+    promoted = s2.screen_options("tome", "", options, None)
+    assert len(promoted) == 3
+    # The promoted ones are exactly the three of lowest cost per MAC on the subset, computed by hand.
+    by_hand = []
+    for key, trial in options:
+        row = s2.assess_screen(trial.text("tome"), "tome")
+        saved = s.base_gmacs - row["gmacs"]
+        by_hand.append(((row["kl"] / saved if row["kl"] > tune_search.FREE_KL else 0.0, -saved), key))
+    assert [k for k, _ in promoted] == [k for _, k in sorted(by_hand)[:3]]
+    # Screened evaluations are journalled apart from full ones.
+    assert all("@screen8" in k for k in s2.journal.evals)
+
+
+def test_incumbent_is_plain_tome_reaching_the_aim_when_timed(monkeypatch):
+    _fake_device(monkeypatch, efficiency=0.8)
+    s = _search(make_model("vit", depth=6), speedup=1.3)
+    held = s.incumbent("tome", "")
+    assert held.throughput_ratio >= s.aim and held.phase == "incumbent"
+    r = held.setting
+    assert r.startswith("r=[") and "keep_rate" not in r and "method" not in r
+
+
+def test_a_budget_stop_returns_the_incumbent_not_an_unfinished_point(monkeypatch):
+    import tokenslim.tune as tune_module
+
+    _fake_device(monkeypatch, efficiency=0.8)
+
+    def stopped(self, method, extra):  # the budget ran out mid-walk: an untimed, unfinished point
+        return self.assess(Point((2,) * 6, (0,) * 6).text(method, extra), method, "greedy")
+
+    monkeypatch.setattr(tune_search.Search, "reach_speed", stopped)
+    result = tune_module.tune(make_model("vit", depth=6), _data(), speedup=1.3, methods=["tome"], step=4,
+                              search=("merge",))
+    assert result.best.phase == "incumbent" and result.reached
+
+
+def test_an_unreachable_target_is_a_clear_miss(monkeypatch):
+    import tokenslim.tune as tune_module
+
+    _fake_device(monkeypatch, efficiency=0.05)  # a device on which reduction barely pays
+    result = tune_module.tune(make_model("vit", depth=4), _data(), speedup=3.0, methods=["tome"], step=4,
+                              search=("merge",), budget_min=0.5)
+    assert result.reached is False and result.best.throughput_ratio < 3.0

@@ -11,10 +11,13 @@ from . import flags
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    flags.add(p, "model", "pretrained", "checkpoint", "random_weights", "data")
+    flags.add(p, "model", "pretrained", "checkpoint", "random_weights", "onnx", "data")
     flags.add(p, "settings", "limit", "seed", "holdout", "eval_batch_size", "workers", "device", "precision",
               "img_size", "threads", settings={"help": "each evaluated against the unpatched model"})
     flags.alias(p, "--batch-size", "--eval-batch-size", type=int)
+    p.add_argument("--baseline", default=None, metavar="FILE",
+                   help="the model the rows are compared with (the 'none' row), e.g. the original model of a "
+                        "recovered checkpoint; default: the checkpoint's own weights without reduction")
     flags.add(p, "jsonl", "fresh", "quiet",
               jsonl={"help": "one row per setting, written as each finishes; a rerun of the same run skips the "
                              "settings already there"})
@@ -42,6 +45,8 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
 
     info = init_from_env()
     flags.check_output_file(args.jsonl, "--jsonl")
+    if args.onnx:
+        return _run_onnx_eval(args)
     base, model_name, settings = flags.load_model_and_settings(args)
     transform, data_config = resolve_transform(base, **flags.input_overrides(base, args.img_size))
     data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
@@ -50,8 +55,18 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
               f"input {data_config['input_size']}, mean {data_config['mean']}, std {data_config['std']}",
               file=sys.stderr)
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_config.items()}
+    reference = base
+    if args.baseline:
+        from ..fingerprint import weights_digest
+        from ..loading import load_baseline
+
+        reference, _ = load_baseline(None, checkpoint_path=args.baseline)
+        if info.is_main:
+            flags.progress(f"note: rows are compared with {args.baseline} (the 'none' row), not with the weights of "
+                           f"{args.checkpoint or model_name} unreduced")
     run = fingerprint(base, data, model=model_name, limit=args.limit, holdout=args.holdout, seed=args.seed,
-                      precision=args.precision, data_config=config)
+                      precision=args.precision, data_config=config,
+                      baseline=weights_digest(reference) if args.baseline else None)
     if args.jsonl and args.fresh and info.is_main and os.path.exists(args.jsonl):
         os.remove(args.jsonl)
     done = read_rows(args.jsonl, run) if args.jsonl else {}
@@ -65,14 +80,48 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
             rows.append(done[name])
             continue
         if name == "none":
-            result = evaluate(base, data, label="none", **common)
+            result = evaluate(reference, data, label="none", **common)
         else:
             model = apply_setting(copy.deepcopy(base), parse_setting(name))
-            result = evaluate(model, data, reference=base, label=name, **common)
+            result = evaluate(model, data, reference=reference, label=name, **common)
         row = {"setting": name, "model": model_name, **result.to_dict(), "run": run}
         rows.append(row)
         if info.is_main and args.jsonl:
             append_jsonl(args.jsonl, row)  # after every setting: nothing lost
     if info.is_main:
         print(format_eval(rows))
+    return rows
+
+
+def _run_onnx_eval(args: argparse.Namespace) -> List[dict]:
+    """``eval --onnx``: the exported model against the baseline exported beside it, in ONNX Runtime."""
+    from ..evaluate import evaluate, open_dataset, resolve_transform, select
+    from ..fingerprint import file_digest, fingerprint
+    from ..journal import append_jsonl
+    from ..sweep import read_rows
+
+    if args.img_size or args.settings:
+        raise ValueError("--onnx runs the setting and input size the file was exported with; leave out "
+                         "--settings and --img-size")
+    model, base, model_name, setting = flags.load_onnx(args)
+    transform, data_config = resolve_transform(base)
+    data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
+    print(f"{model_name}: {len(data)} images from {args.data}, input {data_config['input_size']}", file=sys.stderr)
+    run = fingerprint(None, data, model=model_name, onnx=file_digest(args.onnx), baseline=file_digest(base.path),
+                      limit=args.limit, holdout=args.holdout, seed=args.seed)
+    if args.jsonl and args.fresh and os.path.exists(args.jsonl):
+        os.remove(args.jsonl)
+    done = read_rows(args.jsonl, run) if args.jsonl else {}
+    common = dict(batch_size=args.eval_batch_size, num_workers=args.workers, device="cpu", progress=not args.quiet)
+    rows = []
+    for name, m, ref in (("none", base, None), (setting, model, base)):
+        if name in done:
+            rows.append(done[name])
+            continue
+        result = evaluate(m, data, reference=ref, label=name, **common)
+        row = {"setting": name, "model": model_name, **result.to_dict(), "run": run}
+        rows.append(row)
+        if args.jsonl:
+            append_jsonl(args.jsonl, row)
+    print(format_eval(rows))
     return rows

@@ -22,6 +22,9 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Any]]] = {
     "checkpoint": (("--checkpoint",), dict(default=None, metavar="FILE",
                                            help="a local checkpoint file: tokenslim, or a timm/PyTorch state dict "
                                                 "(with --model)")),
+    "onnx": (("--onnx",), dict(default=None, metavar="FILE",
+                               help="an exported model (tokenslim export), run through ONNX Runtime against the "
+                                    "baseline exported beside it")),
     "random_weights": (("--random-weights",), dict(action="store_true",
                                                    help="run on randomly initialised weights without being told so "
                                                         "(no --checkpoint or --pretrained)")),
@@ -169,6 +172,23 @@ def load_baseline(args: argparse.Namespace):
             progress(f"note: {args.checkpoint} carries the settings {carried}; the baseline 'none' is its weights "
                      f"without them, and {carried} is measured as its own row")
     return model, name, carried
+
+
+def load_onnx(args: argparse.Namespace):
+    """``--onnx FILE``: the exported model, the baseline exported beside it, and the setting it
+    carries; refused with other model flags (the file says what it is)."""
+    from ..export import OnnxModel, baseline_path
+
+    given = [f for f in ("model", "checkpoint") if getattr(args, f, None)] + \
+        (["pretrained"] if getattr(args, "pretrained", False) else [])
+    if given:
+        raise ValueError(f"--onnx names the model and its setting; leave out --{', --'.join(given)}")
+    if getattr(args, "device", None) not in (None, "cpu"):
+        raise ValueError("--onnx runs in ONNX Runtime on the CPU; leave out --device")
+    model = OnnxModel(args.onnx, threads=getattr(args, "threads", None))
+    base = OnnxModel(baseline_path(args.onnx), threads=getattr(args, "threads", None))
+    name = model.metadata.get("architecture") or "onnx"
+    return model, base, f"{name} (ONNX Runtime)", model.metadata.get("settings") or "none"
 
 
 def load_model_and_settings(args: argparse.Namespace):

@@ -8,12 +8,13 @@ from typing import List
 from . import flags
 
 DEFAULT_MODEL = "vit_small_patch16_224"
+DEFAULT_SETTINGS = ["r=8", "r=13", "r=16"]
 
 
 def add_benchmark_args(p: argparse.ArgumentParser) -> None:
-    flags.add(p, "model", "pretrained", "checkpoint",
+    flags.add(p, "model", "pretrained", "checkpoint", "onnx",
               model={"help": f"default {DEFAULT_MODEL} when no checkpoint is given"})
-    flags.add(p, "settings", settings={"default": ["r=8", "r=13", "r=16"]})
+    flags.add(p, "settings", settings={"default": DEFAULT_SETTINGS})
     flags.add(p, "batch_size", "img_size", "rounds", batch_size={"default": 32})
     p.add_argument("--steps-per-round", type=int, default=1, help="timed forward passes per model and round")
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency comparison")
@@ -27,6 +28,8 @@ def run_benchmark(args: argparse.Namespace) -> List[dict]:
     from ..measure.table import benchmark_settings, format_rows
 
     flags.check_output_file(args.jsonl, "--jsonl")
+    if args.onnx:
+        return _run_onnx_benchmark(args)
     if not args.model and not args.checkpoint:
         args.model = DEFAULT_MODEL
     model, name, carried = flags.load_baseline(args)
@@ -41,6 +44,42 @@ def run_benchmark(args: argparse.Namespace) -> List[dict]:
     print(f"{name}, batch {ctx['batch_size']}, {ctx['img_size'][0]}px, {ctx['precision']}, "
           f"{ctx['device']} ({ctx['device_name']}), {ctx['cpu_threads']} CPU threads, {args.rounds} interleaved "
           f"rounds; ratios are speed-ups over the unpatched model; GMACs per image (1 multiply-add = 1)")
+    print(format_rows(rows))
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def _run_onnx_benchmark(args: argparse.Namespace) -> List[dict]:
+    """``benchmark --onnx``: the exported model timed against the exported baseline in ONNX Runtime,
+    interleaved, with the columns of the eager benchmark (no GMACs: the graph is not counted)."""
+    from ..measure.benchmark import compare
+    from ..measure.table import format_rows
+
+    if args.settings != DEFAULT_SETTINGS or args.img_size or args.compile or args.channels_last or \
+            args.precision != "float32":
+        raise ValueError("--onnx times the setting, input size and precision the file was exported with; leave out "
+                         "--settings, --img-size, --precision, --compile and --channels-last")
+    model, base, name, setting = flags.load_onnx(args)
+    result = compare({"none": base, setting: model}, baseline="none", batch_size=args.batch_size, rounds=args.rounds,
+                     steps_per_round=args.steps_per_round, latency=not args.no_latency, device="cpu",
+                     progress=None if args.quiet else flags.progress)
+    rows = []
+    for key in ("none", setting):
+        tp = result.throughput[key]
+        row = {"model": name, "setting": key, "gmacs": None, "mac_ratio": None, "throughput_ratio": tp.median,
+               "throughput_ratio_low": tp.low, "throughput_ratio_high": tp.high, "efficiency": None,
+               "step_ms": result.step_ms[key], "runtime": "onnxruntime", "rounds": tp.rounds}
+        if result.latency:
+            lat = result.latency[key]
+            row.update(latency_ratio=lat.median, latency_ratio_low=lat.low, latency_ratio_high=lat.high,
+                       latency_ms=result.latency_ms[key])
+        rows.append(row)
+    ctx = result.context
+    print(f"{name}, batch {ctx.batch_size}, {ctx.img_size[0]}px, float32, ONNX Runtime on the CPU, "
+          f"{ctx.cpu_threads} threads, {args.rounds} interleaved rounds; ratios against the exported baseline")
     print(format_rows(rows))
     if args.jsonl:
         with open(args.jsonl, "a") as f:

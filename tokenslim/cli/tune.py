@@ -23,6 +23,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="what the search may change: a comma list of merge (per-block merges), prune (per-block "
                         "pruning levels, class-token models) and mlp (MLP channel share)")
     p.add_argument("--budget-min", type=float, default=20.0, help="wall-time budget in minutes")
+    p.add_argument("--screen", type=int, default=None, metavar="N",
+                   help="score every greedy option on N calibration images first and evaluate only the best 4 on "
+                        "all (0: off; default: a quarter of them on deep models with >= 800 images)")
     p.add_argument("--margin", type=float, default=0.03,
                    help="aim this share above --speedup, so an independent re-measurement still reaches it")
     flags.add(p, "batch_size", "eval_batch_size", "img_size", "rounds", "device", "precision", "workers", "threads",
@@ -71,7 +74,7 @@ def run_tune_cmd(args: argparse.Namespace):
         batch_size=args.batch_size, img_size=args.img_size, device=args.device, precision=args.precision,
         rounds=args.rounds, budget_min=args.budget_min, eval_batch_size=args.eval_batch_size,
         num_workers=args.workers, method_options=options, out_dir=args.out, fresh=args.fresh,
-        progress=None if args.quiet else flags.progress,
+        progress=None if args.quiet else flags.progress, screen=args.screen,
         run_info={"model": name, "limit": args.limit, "seed": args.seed},
     )
     b = result.best

@@ -243,10 +243,12 @@ def _interleaved(runners: Mapping[str, _Runner], rounds: int, steps_per_round: i
     return times
 
 
-def _ratios(times: Dict[str, List[float]], baseline: str, confidence: float) -> Dict[str, RatioEstimate]:
+def _ratios(times: Dict[str, List[float]], baseline: str, confidence: float,
+            baselines: Optional[Mapping[str, str]] = None) -> Dict[str, RatioEstimate]:
     out = {}
     for name, ts in times.items():
-        per_round = [b / t for b, t in zip(times[baseline], ts)]
+        own = (baselines or {}).get(name, baseline)
+        per_round = [b / t for b, t in zip(times[own], ts)]
         med, low, high = median_interval(per_round, confidence)
         out[name] = RatioEstimate(med, low, high, confidence, len(per_round))
     return out
@@ -288,6 +290,7 @@ def compare(
     compile: bool = False,
     confidence: float = 0.95,
     progress: Optional[Callable[[str], None]] = None,
+    baselines: Optional[Mapping[str, str]] = None,
 ) -> Comparison:
     """Time models interleaved in one process and report ratios against a baseline.
 
@@ -301,6 +304,9 @@ def compare(
         rounds: interleaved rounds (at least 15 for the interval to mean something).
         latency: also compare batch-1 latency the same way.
         progress: called with a short message after each round.
+        baselines: per model, another model of ``models`` to take its ratio against (e.g. an ONNX
+            Runtime model against the exported unpatched one) in the same interleaved rounds;
+            ``baseline`` for the rest.
     """
     if len(models) < 2:
         raise ValueError("compare needs at least two models")
@@ -326,11 +332,11 @@ def compare(
             for _ in range(max(warmup, 1)):
                 r.step()
         lat_times = _interleaved(singles, rounds, steps_per_round, progress)
-        lat_ratios = _ratios(lat_times, baseline, confidence)
+        lat_ratios = _ratios(lat_times, baseline, confidence, baselines)
         lat_ms = {n: statistics.median(t) / steps_per_round * 1e3 for n, t in lat_times.items()}
     return Comparison(
         baseline=baseline,
-        throughput=_ratios(times, baseline, confidence),
+        throughput=_ratios(times, baseline, confidence, baselines),
         latency=lat_ratios,
         step_ms={n: statistics.median(t) / steps_per_round * 1e3 for n, t in times.items()},
         latency_ms=lat_ms,

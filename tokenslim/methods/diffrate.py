@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ReductionMethod, StepInputs, StepPlan, all_but_one, dest_from_ranks
+from ..ops.sorting import argsort_desc_stable
 
 
 def ranked_merge(scores: torch.Tensor, metric: torch.Tensor, r: int, num_prefix_tokens: int) -> StepPlan:
@@ -37,7 +38,7 @@ def ranked_merge(scores: torch.Tensor, metric: torch.Tensor, r: int, num_prefix_
     batch, n_all = scores.shape
     n = n_all - p
     device = scores.device
-    rank = torch.sort(scores[:, p:].float(), dim=-1, descending=True, stable=True).indices  # token at each rank
+    rank = argsort_desc_stable(scores[:, p:].float())  # token at each rank
     n_keep = n - r
     dest_rank = torch.empty(batch, n, dtype=torch.long, device=device)
     dest_rank[:, :n_keep] = p + torch.arange(n_keep, device=device)

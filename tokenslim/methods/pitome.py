@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ReductionMethod, StepInputs, StepPlan, half, dest_from_ranks
+from ..ops.sorting import argsort_desc_stable
 
 
 def plan(inputs: StepInputs, r: int) -> StepPlan:
@@ -32,7 +33,7 @@ def plan(inputs: StepInputs, r: int) -> StepPlan:
     k = F.normalize(keys, dim=-1)
     sim = k @ k.transpose(-1, -2)
     score = F.elu(sim - margin).mean(dim=-1)
-    rank = torch.sort(score, dim=-1, descending=True, stable=True).indices  # token at each rank
+    rank = argsort_desc_stable(score)  # token at each rank
     a_idx, b_idx = rank[:, : 2 * r : 2], rank[:, 1 : 2 * r : 2]
     ab = sim.gather(1, a_idx.unsqueeze(-1).expand(batch, r, n)).gather(2, b_idx.unsqueeze(1).expand(batch, r, r))
     partner = ab.argmax(dim=-1)  # [B, r], index into B

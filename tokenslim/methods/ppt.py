@@ -16,6 +16,7 @@ import torch
 
 from ..ops.matching import bipartite_soft_matching
 from .base import ReductionMethod, StepInputs, StepPlan, half, dest_from_ranks
+from ..ops.sorting import argsort_desc_stable
 
 
 def prune_lowest(scores: torch.Tensor, r: int, num_prefix_tokens: int) -> torch.Tensor:
@@ -24,7 +25,7 @@ def prune_lowest(scores: torch.Tensor, r: int, num_prefix_tokens: int) -> torch.
     batch, n_all = scores.shape
     n = n_all - p
     device = scores.device
-    rank = torch.sort(scores[:, p:].float(), dim=-1, descending=True, stable=True).indices
+    rank = argsort_desc_stable(scores[:, p:].float())
     dest_rank = torch.full((batch, n), -1, dtype=torch.long, device=device)
     dest_rank[:, : n - r] = p + torch.arange(n - r, device=device)
     return dest_from_ranks(rank, dest_rank, p)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from .sorting import argsort_desc_stable
 
 
 class MergePlan(NamedTuple):
@@ -74,7 +75,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         scores[:, :, :b_pre] = -torch.inf
     best, partner = scores.max(dim=-1)  # [B, n_a]
     # A stable sort makes ties (identical patches are common in real images) deterministic.
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    order = argsort_desc_stable(best)
     src = order[:, :r]  # A indices that merge away
     dst = partner.gather(1, src)  # their B partners
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+from .sorting import argsort_desc_stable
 
 
 class PrunePlan(NamedTuple):
@@ -49,7 +50,7 @@ def select_tokens(scores: torch.Tensor, keep: int, num_prefix_tokens: int, fuse:
     n_keep = p + keep
     dropped = ~torch.zeros(batch, n, dtype=torch.bool, device=device).scatter_(1, keep_idx, True)
     # A stable sort of the drop mask lists dropped tokens first, in index order.
-    drop_idx = torch.sort(dropped.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, : n - n_keep]
+    drop_idx = argsort_desc_stable(dropped.to(torch.float32))[:, : n - n_keep]
     fused = fuse and n > n_keep
     dest = torch.full((batch, n), n_keep if fused else -1, dtype=torch.long, device=device)
     dest.scatter_(1, keep_idx, torch.arange(n_keep, device=device).expand(batch, n_keep))

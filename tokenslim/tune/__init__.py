@@ -79,6 +79,8 @@ def tune(
     fresh: bool = False,
     progress: Optional[Callable[[str], None]] = None,
     run_info: Optional[Dict[str, Any]] = None,
+    screen: Optional[int] = None,
+    incumbent: bool = True,
 ) -> TuneResult:
     """Find the most faithful setting that reaches ``speedup`` (or the fastest within ``max_drop``).
 
@@ -104,6 +106,13 @@ def tune(
         method_options: extra settings text per method, e.g. ``{"ppt": "threshold=0.7"}``.
         out_dir: where ``candidates.jsonl``, ``candidates.csv`` and ``tune.json`` go (resumable).
         progress: called with one line per candidate.
+        screen: calibration images a greedy step scores every option on before the best
+            :data:`~tokenslim.tune.search.PROMOTE` are evaluated on all of them (successive halving);
+            0 turns it off; ``None`` picks :func:`~tokenslim.tune.search.auto_screen` (on for deep
+            models with plenty of images, off on the 6-block reference model).
+        incumbent: first find, timed, the weakest plain ToMe schedule (constant ``r`` or the ramp)
+            that reaches the target; the result is never worse on the calibration KL than it, and a
+            search stopped by the budget returns it rather than an unfinished point.
 
     Returns:
         A :class:`TuneResult`; ``result.setting`` is settings text.
@@ -142,14 +151,28 @@ def tune(
     run = fingerprint(model, data, target=speedup, max_drop=max_drop, methods=list(methods), step=step,
                       search=list(search), margin=margin, batch_size=batch_size, img_size=img_size,
                       precision=precision, rounds=rounds, method_options=method_options, **(run_info or {}))
+    from .search import auto_screen
+    from .space import Point, moves
+
+    options = len(moves(Point.origin(len(model.blocks)), search, prune_ok, step))
+    screen = auto_screen(len(data), options) if screen is None else int(screen)
+    if screen < 0:
+        raise ValueError(f"screen must be >= 0 images (0: off), got {screen}")
+    run = {**run, "screen": screen, "incumbent": bool(incumbent)}
     journal = Journal(os.path.join(out_dir, "candidates.jsonl") if out_dir else None, run, fresh)
     searcher = Search(model, data, journal, speedup, max_drop, aim, search, prune_ok, step, deadline,
                       timing=dict(batch_size=batch_size, img_size=img_size, rounds=rounds, device=device,
                                   precision=precision),
                       eval_kw=dict(batch_size=eval_batch_size, num_workers=num_workers, device=device,
                                    progress=False),
-                      say=say)
+                      say=say, screen=screen)
+    if screen:
+        say(f"screening: every greedy option on {screen} images first, the best {searcher.promote} on all {len(data)}")
     finals: List[Candidate] = []
+    if speedup is not None and incumbent:
+        held = searcher.incumbent("tome", "")  # plain ToMe, whatever methods are searched
+        if held is not None:
+            finals.append(held)
     for method in methods:
         extra = method_options.get(method, "")
         current = searcher.reach_speed(method, extra) if speedup is not None else searcher.within_drop(method, extra)

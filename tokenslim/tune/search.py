@@ -35,6 +35,15 @@ FREE_KL = 1e-7
 """A step that raises the mean KL by less than this costs nothing (float rounding)."""
 SIMILAR_MACS = 1.002
 """Compute within 0.2% counts as equal (refine and challenge compare points at equal compute)."""
+PROMOTE = 4
+"""Options promoted from the screening subset to the whole calibration set per greedy step."""
+
+
+def auto_screen(images: int, options: int) -> int:
+    """The screening subset a search uses by default: a quarter of the calibration images when the
+    step has many options (deep models) and the images are plenty, else none (every option on
+    every image, as the search on the 6-block reference model has always done)."""
+    return images // 4 if options > 16 and images >= 800 else 0
 
 
 class Search:
@@ -58,8 +67,9 @@ class Search:
     def __init__(self, model: nn.Module, data: Dataset, journal: Journal, speedup: Optional[float],
                  max_drop: Optional[float], aim: Optional[float], search: Sequence[str], prune_ok: bool, step: int,
                  deadline: float, timing: Dict[str, Any], eval_kw: Dict[str, Any],
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], screen: int = 0, promote: int = PROMOTE) -> None:
         self.model, self.data, self.journal = model, data, journal
+        self.screen, self.promote = screen, promote
         self.speedup, self.max_drop, self.aim = speedup, max_drop, aim
         self.search, self.prune_ok, self.step = tuple(search), prune_ok, step
         self.deadline, self.timing, self.eval_kw, self.say = deadline, timing, eval_kw, say
@@ -76,6 +86,11 @@ class Search:
         targets = dataset_targets(data)
         self.use_labels = targets is not None and all(0 <= t < self.ref_logits.shape[1] for t in targets)
         self.base_gmacs = count_macs(model, img_size=timing.get("img_size")).gmacs
+        if screen:
+            from torch.utils.data import Subset
+
+            self.screen_data = Subset(data, list(range(min(screen, len(data)))))
+            self.screen_logits = self.ref_logits[:len(self.screen_data)]
 
     # -- evaluation and timing, through the journal ------------------------------------------
 
@@ -151,8 +166,11 @@ class Search:
             base_macs = current.gmacs if current is not None else self.base_gmacs
             options = sorted(moves(point, self.search, self.prune_ok, self.merge_step),
                              key=lambda kt: stale.get(kt[0], (-math.inf, 0.0)))
+            screened = self.screen and len(options) > self.promote
+            if screened:
+                options = self.screen_options(method, extra, options, current)
             for key, trial in options:
-                if best_score is not None and key in stale and stale[key] >= best_score:
+                if not screened and best_score is not None and key in stale and stale[key] >= best_score:
                     break  # every remaining option is bounded below by a worse score
                 cand = self.assess(trial.text(method, extra), method, "greedy")
                 saved = base_macs - cand.gmacs
@@ -173,6 +191,58 @@ class Search:
             self.say(f"{method}: {best.setting}  MAC x{best.mac_ratio:.2f}  KL {best.kl:.4f}  "
                      f"agree {best.agreement:.2f}%")
         return point, current
+
+    def assess_screen(self, text: str, method: str) -> Dict[str, float]:
+        """KL and GMACs of ``text`` on the screening subset only (journalled like a full one)."""
+        key = f"{text} @screen{len(self.screen_data)}"
+        if key not in self.journal.evals:
+            setting = parse_setting(text)
+            candidate_model = apply_setting(copy.deepcopy(self.model), setting)
+            gmacs = self._gmacs(candidate_model, method, float(setting.get("mlp_pruned", 0.0)))
+            res = evaluate(candidate_model, self.screen_data, reference_logits=self.screen_logits, **self.eval_kw)
+            self.journal.add("eval", key, {"method": method, "gmacs": gmacs, "kl": res.kl, "screen": True})
+        row = self.journal.evals[key]
+        return {"gmacs": row["gmacs"], "kl": row["kl"]}
+
+    def screen_options(self, method: str, extra: str, options: List[Tuple[Tuple[Any, ...], Point]],
+                       current: Optional[Candidate]) -> List[Tuple[Tuple[Any, ...], Point]]:
+        """Successive halving in one round: every option scored on the screening subset (its cost
+        per MAC saved there), the best ``promote`` kept for the full calibration set."""
+        base_kl = self.assess_screen(current.setting, method)["kl"] if current is not None else 0.0
+        base_macs = current.gmacs if current is not None else self.base_gmacs
+        scored = []
+        for order, (key, trial) in enumerate(options):
+            if self.out_of_time():
+                break
+            row = self.assess_screen(trial.text(method, extra), method)
+            saved = base_macs - row["gmacs"]
+            cost = row["kl"] - base_kl
+            score = (math.inf if saved <= 1e-9 else (max(cost, 0.0) / saved if cost > FREE_KL else 0.0), -saved)
+            scored.append((score, order, key, trial))
+        scored.sort(key=lambda s: (s[0], s[1]))
+        return [(key, trial) for score, _, key, trial in scored[:self.promote] if score[0] < math.inf]
+
+    def incumbent(self, method: str, extra: str) -> Optional[Candidate]:
+        """What plain ToMe gives at the aim: the weakest constant ``r`` and the weakest ramp
+        ``(r, -1)`` that reach it when timed, the lower KL of the two. The search only replaces it
+        with a setting that has a lower KL *and* reaches the aim when timed; a search stopped by the
+        budget returns it (or better), never an unfinished point."""
+        if "merge" not in self.search or self.aim is None:
+            return None
+        best = None
+        for family in PLAIN_FAMILIES:
+            found = self.weakest_plain(method, extra, family, (0,) * self.depth, 0.0, "incumbent",
+                                       lambda c: c.mac_ratio >= self.aim * 0.97)
+            if found is None:
+                continue
+            reached = self._weakest_timed(method, extra, family, (0,) * self.depth, 0.0, found[0], math.inf,
+                                          phase="incumbent")
+            if reached is not None and (best is None or reached[1].kl < best.kl):
+                best = reached[1]
+        if best is not None:
+            self.say(f"{method}: plain ToMe reaches {best.throughput_ratio:.2f}x with {best.setting} (KL {best.kl:.4f}):"
+                     " the incumbent the search must beat")
+        return best
 
     def refine(self, method: str, extra: str, point: Point, current: Candidate) -> Tuple[Point, Candidate]:
         """Move ``merge_step`` merges between blocks at equal compute while the KL improves."""
@@ -259,13 +329,13 @@ class Search:
         return best
 
     def _weakest_timed(self, method: str, extra: str, family: str, keep: Tuple[int, ...], mlp: float, start: int,
-                       to_beat: float) -> Optional[Tuple[Point, Candidate]]:
+                       to_beat: float, phase: str = "contest") -> Optional[Tuple[Point, Candidate]]:
         """From strength ``start``, timed one strength up or down until it is the weakest member
         that reaches the aim; ``None`` if none does (or none can beat ``to_beat`` going up)."""
         k = start
         reached: Optional[Tuple[Point, Candidate]] = None
         while 1 <= k < 64 and not self.out_of_time():
-            trial, cand = self.plain(method, extra, family, k, keep, mlp, "contest")
+            trial, cand = self.plain(method, extra, family, k, keep, mlp, phase)
             if reached is None and k != start and cand.kl >= to_beat:
                 break  # going up, it cannot win: stronger members lose even more
             if self.measure(cand) >= self.aim:
