@@ -43,7 +43,8 @@ def test_shared_flags_agree_across_tools():
     # The flags the issue found disagreeing now exist, with one meaning, wherever they apply.
     for flag, tools in {"--quiet": set(COMMANDS), "--threads": set(COMMANDS) - {"macs"},
                         "--checkpoint": set(COMMANDS) - {"demo"},
-                        "--out": {"demo", "sweep", "tune", "recover", "vis"},
+                        "--out": {"demo", "sweep", "tune", "recover", "vis", "export"},
+                        "--onnx": {"eval", "benchmark"},
                         "--jsonl": {"eval", "benchmark"}, "--eval-batch-size": {"eval", "sweep", "tune"},
                         "--batch-size": {"benchmark", "sweep", "tune", "demo"},
                         "--limit": {"eval", "sweep", "tune", "recover", "vis", "demo"}}.items():

@@ -33,6 +33,13 @@ def test_onnx_export_equals_eager_at_two_batch_sizes(tmp_path, text):
     torch.testing.assert_close(runner(x), model(x).detach(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("text", SETTINGS)
+def test_torch_export_equals_eager_at_two_batch_sizes(tmp_path, text):
+    model = apply_setting(_small(), parse_setting(text))
+    result = export(model, images(2), str(tmp_path / "m.pt2"), format="torch_export", check_batches=(1, 5))
+    assert max(result.max_abs_diff.values()) <= 1e-4
+
+
 def test_eager_results_are_bit_for_bit_what_they_were():
     # The export-friendly ordering is used only while exporting: eager keeps torch.sort(stable=True).
     from unittest import mock

@@ -248,7 +248,7 @@ def test_truncated_checkpoint_is_called_corrupt(tiny, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["benchmark", "--threads", "0"], "--threads must be >= 1"),
-    (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+    (["demo", "--epochs", "0"], "--epochs must be > 0"),
     (["macs", "--settings", "r=8,r=2"], "r is given twice"),
     (["eval", "--data", "x", "--device", "cuda:0"] if not torch.cuda.is_available() else
      ["eval", "--data", "x", "--device", "nonsense"], "--device"),

@@ -257,7 +257,7 @@ def test_tune_on_images_without_labels(tmp_path):
         def __getitem__(self, i):
             return images(1, seed=i)[0], -1
 
-    result = tune(make_model("vit"), Unlabelled(), speedup=1.1, budget_min=0.3, rounds=15, batch_size=4,
+    result = tune(make_model("vit"), Unlabelled(), speedup=1.1, budget_min=10, rounds=15, batch_size=4,
                   search=("merge",), methods=("tome",))
     assert result.best.top1 is None and result.setting.startswith("r=")
 
@@ -380,7 +380,7 @@ def test_vis_says_the_file_it_writes(tiny, tmp_path, capsys):
 def test_tune_says_when_it_misses_and_exits_non_zero(tiny, tmp_path, capsys):
     ckpt, labels = tiny
     argv = ["tune", "--checkpoint", str(ckpt), "--data", str(labels), "--out", str(tmp_path / "t"), "--speedup", "50",
-            "--budget-min", "0.1", "--rounds", "15", "--batch-size", "4", "--methods", "tome", "--search", "merge",
+            "--budget-min", "10", "--rounds", "15", "--batch-size", "4", "--methods", "tome", "--search", "merge",
             "--quiet"]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -162,5 +162,5 @@ def test_an_unreachable_target_is_a_clear_miss(monkeypatch):
 
     _fake_device(monkeypatch, efficiency=0.05)  # a device on which reduction barely pays
     result = tune_module.tune(make_model("vit", depth=4), _data(), speedup=3.0, methods=["tome"], step=4,
-                              search=("merge",), budget_min=0.5)
+                              search=("merge",), budget_min=10)
     assert result.reached is False and result.best.throughput_ratio < 3.0

@@ -16,8 +16,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="onnx (checked in ONNX Runtime; needs tokenslim[onnx]) or torch_export (a .pt2 program)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 16)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size instead of leaving it free")
-    flags.add(p, "batch_size", "img_size", "threads", "out", "quiet",
-              batch_size={"default": 2, "help": "the example batch the graph is traced with"},
+    p.add_argument("--example-batch", type=int, default=2, metavar="N",
+                   help="the batch of the example input the graph is traced with (the batch stays free)")
+    flags.add(p, "img_size", "threads", "out", "quiet",
               out={"default": "results/export", "help": "model.onnx (or model.pt2) and baseline.onnx (.pt2)"})
 
 
@@ -40,7 +41,7 @@ def run_export_cmd(args: argparse.Namespace):
     from ..input_size import default_img_size
 
     size = flags.input_overrides(base, args.img_size).get("input_size", (3, *default_img_size(base)))
-    example = torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(args.example_batch, *size, generator=torch.Generator().manual_seed(0))
     model = apply_setting(copy.deepcopy(base), setting)
     check_exportable(model)
     suffix = ".onnx" if args.format == "onnx" else ".pt2"

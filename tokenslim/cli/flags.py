@@ -115,7 +115,7 @@ def check_common(args: argparse.Namespace) -> None:
             raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
         if kind == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
-    for flag in ("threads", "batch_size", "eval_batch_size", "train_batch_size", "rounds", "limit",
+    for flag in ("threads", "batch_size", "eval_batch_size", "train_batch_size", "example_batch", "rounds", "limit",
                  "train_images", "img_size", "holdout", "steps", "lora_rank", "grad_accum_steps", "val_limit",
                  "lr_base_size"):
         value = getattr(args, flag, None)

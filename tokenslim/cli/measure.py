@@ -25,7 +25,7 @@ def add_benchmark_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_benchmark(args: argparse.Namespace) -> List[dict]:
-    from ..measure.table import benchmark_settings, format_rows
+    from ..measure.table import benchmark_settings
 
     flags.check_output_file(args.jsonl, "--jsonl")
     if args.onnx:
@@ -44,9 +44,16 @@ def run_benchmark(args: argparse.Namespace) -> List[dict]:
     print(f"{name}, batch {ctx['batch_size']}, {ctx['img_size'][0]}px, {ctx['precision']}, "
           f"{ctx['device']} ({ctx['device_name']}), {ctx['cpu_threads']} CPU threads, {args.rounds} interleaved "
           f"rounds; ratios are speed-ups over the unpatched model; GMACs per image (1 multiply-add = 1)")
+    return _report(rows, args.jsonl)
+
+
+def _report(rows: List[dict], jsonl) -> List[dict]:
+    """Print the benchmark table and append the rows to ``--jsonl``."""
+    from ..measure.table import format_rows
+
     print(format_rows(rows))
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
+    if jsonl:
+        with open(jsonl, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     return rows
@@ -56,7 +63,6 @@ def _run_onnx_benchmark(args: argparse.Namespace) -> List[dict]:
     """``benchmark --onnx``: the exported model timed against the exported baseline in ONNX Runtime,
     interleaved, with the columns of the eager benchmark (no GMACs: the graph is not counted)."""
     from ..measure.benchmark import compare
-    from ..measure.table import format_rows
 
     if args.settings != DEFAULT_SETTINGS or args.img_size or args.compile or args.channels_last or \
             args.precision != "float32":
@@ -80,12 +86,7 @@ def _run_onnx_benchmark(args: argparse.Namespace) -> List[dict]:
     ctx = result.context
     print(f"{name}, batch {ctx.batch_size}, {ctx.img_size[0]}px, float32, ONNX Runtime on the CPU, "
           f"{ctx.cpu_threads} threads, {args.rounds} interleaved rounds; ratios against the exported baseline")
-    print(format_rows(rows))
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    return rows
+    return _report(rows, args.jsonl)
 
 
 def add_macs_args(p: argparse.ArgumentParser) -> None:

@@ -179,6 +179,9 @@ def tune(
         if current is not None:
             finals.append(current)
     if not finals:
+        if searcher.out_of_time():
+            raise RuntimeError(f"the budget of {budget_min} min ran out before any setting reached the end of a "
+                               "phase; give a larger budget (--budget-min)")
         raise RuntimeError("tuning found no setting that reduces anything; is the model too small for step="
                            f"{step}?")
     if speedup is not None:
