@@ -81,9 +81,9 @@ def test_refusals(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'tokenslim\[onnx\]'"):
         export(_small(), images(2), str(tmp_path / "m.onnx"))
     monkeypatch.setattr(builtins, "__import__", real_import)
-    if pytest.importorskip("onnxscript"):
-        with pytest.raises(ValueError, match="opset 15"):
-            export(_small(), images(2), str(tmp_path / "m.onnx"), opset=15)
+    pytest.importorskip("onnxscript")
+    with pytest.raises(ValueError, match="opset 15"):
+        export(_small(), images(2), str(tmp_path / "m.onnx"), opset=15)
     pytest.importorskip("transformers")
     from test_hf_vit import hf_models
 

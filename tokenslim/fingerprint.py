@@ -69,10 +69,8 @@ def _items_of(data: Dataset) -> Optional[Iterable[bytes]]:
     if items is not None:  # a .tar.gz held in memory: names, bytes and labels
         return (part for name, raw, t in items for part in (f"{name}|{t}|".encode(), raw))
     members = getattr(data, "_members", None)
-    if members is not None:  # an uncompressed .tar: the archive's bytes stand for its members
-        path = getattr(data, "path", None)
-        return iter([file_digest(path).encode()] if path else
-                    [f"{m.name}|{m.size}|{t}\n".encode() for m, t in members])
+    if members is not None:  # an uncompressed .tar: its index (names, sizes, offsets), not a re-read of its bytes
+        return (f"{m.name}|{m.size}|{m.offset_data}|{t}\n".encode() for m, t in members)
     return None
 
 

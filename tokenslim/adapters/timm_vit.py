@@ -96,8 +96,7 @@ def attention_forward(
         head_mask=getattr(attn, HEAD_MASK_BUFFER, None),
         return_metric=return_metric, return_cls_attn=return_cls_attn, return_value_score=return_value_score,
     )
-    # contiguous() first: the same values, and a graph that stays valid when export swaps the SDPA kernel
-    y = attn.norm(res.out.transpose(1, 2).contiguous().reshape(batch, n, attn.attn_dim))
+    y = attn.norm(res.out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
     if gate is not None:
         y = y * gate
     return res._replace(out=attn.proj_drop(attn.proj(y)))
