@@ -103,12 +103,33 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def warm_start(model: torch.nn.Module, path: str) -> None:
+    """Copy the tensors of a tokenslim checkpoint whose name and shape match ``model``'s; say what was left."""
+    from tokenslim.loading import load_checkpoint
+
+    source = load_checkpoint(path).state_dict()
+    own = model.state_dict()
+    taken = {k: v.float() for k, v in source.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(taken, strict=False)
+    left_new = sorted(set(own) - set(taken))
+    left_old = sorted(set(source) - set(taken))
+    print(f"warm start from {path}: {len(taken)} tensors copied; kept random: {left_new or 'none'}; "
+          f"not used: {left_old or 'none'}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="../shared/data/cifar10-jpg", help="folder with train.tar.gz and test.tar.gz")
     p.add_argument("--out", default="checkpoints/cifar10_reference.pth", help="final tokenslim checkpoint")
     p.add_argument("--state", default="checkpoints/cifar10_reference_state.pt",
                    help="resume state, written after every epoch")
+    p.add_argument("--model", default=MODEL_NAME,
+                   help="timm model name the architecture is built from (its arguments overridden by the flags below)")
+    p.add_argument("--model-args", default="{}",
+                   help='more timm model arguments as JSON, e.g. \'{"init_values": null}\'')
+    p.add_argument("--init-from", default=None,
+                   help="a tokenslim checkpoint whose tensors of matching name and shape start the training "
+                        "(a warm start; the rest keeps its random initialisation)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--embed-dim", type=int, default=192)
@@ -141,8 +162,14 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from tokenslim.loading import save_checkpoint
 
+    try:
+        extra_args = json.loads(args.model_args)
+    except json.JSONDecodeError as e:
+        p.error(f"--model-args is not JSON ({e}): write e.g. '{{\"init_values\": null}}'")
+    if args.init_from is not None and not os.path.isfile(args.init_from):
+        p.error(f"--init-from {args.init_from}: no such file")
     model_kwargs = dict(img_size=32, patch_size=4, embed_dim=args.embed_dim, depth=args.depth,
-                        num_heads=args.heads, num_classes=len(CLASSES))
+                        num_heads=args.heads, num_classes=len(CLASSES), **extra_args)
     data_config = dict(input_size=(3, 32, 32), mean=MEAN, std=STD, crop_pct=1.0, crop_mode="center",
                        interpolation="bicubic", num_classes=len(CLASSES))
     recipe = {k: v for k, v in vars(args).items()
@@ -155,7 +182,9 @@ def main(argv=None) -> int:
           flush=True)
 
     torch.manual_seed(args.seed)
-    model = timm.create_model(MODEL_NAME, pretrained=False, **model_kwargs)
+    model = timm.create_model(args.model, pretrained=False, **model_kwargs)
+    if args.init_from is not None and not os.path.isfile(args.state):
+        warm_start(model, args.init_from)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -231,13 +260,13 @@ def main(argv=None) -> int:
             return 0
 
     model.eval()
-    half = timm.create_model(MODEL_NAME, pretrained=False, **model_kwargs)
+    half = timm.create_model(args.model, pretrained=False, **model_kwargs)
     half.load_state_dict(model.state_dict())
     half.half()
     extra = {"recipe": recipe, "history": history, "train_minutes": round(train_seconds / 60, 1),
              "command": "python scripts/train_reference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "data": "CIFAR-10 (../shared/data/cifar10-jpg/train.tar.gz, 50,000 images)"}
-    save_checkpoint(half, args.out, MODEL_NAME, model_kwargs, data_config, extra=extra)
+    save_checkpoint(half, args.out, args.model, model_kwargs, data_config, extra=extra)
     print(f"saved {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB, fp16 weights); "
           f"training took {train_seconds / 60:.1f} min", flush=True)
 

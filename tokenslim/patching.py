@@ -47,9 +47,20 @@ def adapter_for(model: nn.Module) -> ModuleType:
         from .adapters import open_clip_vit
 
         return open_clip_vit
+    if _is_eva(model):
+        from .adapters import timm_eva
+
+        return timm_eva
     from .adapters import timm_vit
 
     return timm_vit
+
+
+def _is_eva(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ``Eva`` (the rotary-position family: DINOv3, EVA-02, PE, RoPE-ViT)."""
+    from timm.models.eva import Eva
+
+    return isinstance(model, Eva)
 
 
 def patch(
@@ -66,10 +77,12 @@ def patch(
     mlp_pruned: Union[float, Sequence[float]] = 0.0,
     criterion: str = "l2",
     materialize: bool = True,
+    rope: Optional[str] = None,
 ) -> nn.Module:
     """Patch a Vision Transformer in place for token merging and/or pruning.
 
-    Accepts timm ViTs (:func:`tokenslim.adapters.timm_vit.patch`), ``transformers`` ViT / DeiT / DINOv2 /
+    Accepts timm ViTs (:func:`tokenslim.adapters.timm_vit.patch`), timm's rotary ``Eva`` family
+    (DINOv3, EVA-02, Perception Encoder, RoPE-ViT: :func:`tokenslim.adapters.timm_eva.patch`), ``transformers`` ViT / DeiT / DINOv2 /
     CLIP vision models (:func:`tokenslim.adapters.hf_vit.patch`) and ``open_clip`` models or vision towers
     (:func:`tokenslim.adapters.open_clip_vit.patch`), with the same settings everywhere.
 
@@ -92,22 +105,34 @@ def patch(
             changes the weights and is done once: a model that already carries channel pruning is
             refused (use :func:`tokenslim.prune_channels` to prune further). Settings text takes
             the same keys (``"r=8,mlp_pruned=0.25"``).
+        rope: rotary-position models only: how a merged token gets its rotation, ``"mean"`` (the
+            default: the size-weighted mean of its patches' angles), ``"blend"`` (the mean of their
+            rotations), ``"local"`` (the mean, merging spatial neighbours only) or ``"ignore"`` (one
+            patch's rotation); see :mod:`tokenslim.ops.rope`.
 
     Raises:
         TypeError: a model no adapter supports (nothing is changed).
         ValueError: bad settings.
         RuntimeError: an untested release of timm / transformers / open_clip.
     """
+    adapter = adapter_for(model)
+    if rope is not None and not hasattr(adapter, "has_rope"):
+        raise ValueError("rope= sets how merged tokens get their rotary positions, and this model has no rotary "
+                         "position embedding; leave rope unset")
     if heads_pruned or mlp_pruned:
+        if _is_eva(model):
+            raise ValueError("channel pruning (heads_pruned / mlp_pruned) is not supported on timm Eva models "
+                             "(DINOv3, EVA-02, PE, RoPE-ViT) yet: use token reduction alone (r=..., keep_rate=...)")
         from .adapters.timm_channels import apply_channel_setting, has_masks
 
         if getattr(model, "tokenslim_channels", None) is not None or has_masks(model):
             raise ValueError("this model already carries channel pruning, which patch applies once; use "
                              "tokenslim.prune_channels(model, ...) and materialize(model) to prune further")
         apply_channel_setting(model, heads_pruned, mlp_pruned, criterion, materialize)
-    return adapter_for(model).patch(
+    kwargs = {"rope": rope} if hasattr(adapter, "has_rope") else {}
+    return adapter.patch(
         model, r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned, prop_attn=prop_attn,
-        method=method, threshold=threshold, margin=margin,
+        method=method, threshold=threshold, margin=margin, **kwargs,
     )
 
 

@@ -17,6 +17,7 @@ from .methods.base import ReductionMethod
 from .methods.tome import METHOD as TOME
 from .ops import merge_tokens, prune_scores, prune_sizes, prune_tokens, select_tokens, size_log_bias, update_source
 from .ops.attention import AttentionResult
+from .ops.positions import token_positions
 from .schedule import ReductionSettings, TokenPlan
 
 
@@ -74,6 +75,7 @@ def reduce_step(
     sizes: Optional[torch.Tensor],
     source: Optional[torch.Tensor],
     step: BlockStep,
+    grid: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Prune, then merge, the tokens ``x`` (after the attention residual) as ``step`` says.
 
@@ -83,6 +85,9 @@ def reduce_step(
         sizes: ``[B, N, 1]`` float32 sizes or ``None`` (all ones).
         source: ``[B, N0]`` source map or ``None`` (nothing reduced yet).
         step: the block's step.
+        grid: ``[N0, 2]`` grid positions of the original tokens
+            (:func:`tokenslim.ops.positions.grid_positions`): merge spatial neighbours only (the
+            method must support it). ``None``: no restriction.
 
     Returns:
         ``(tokens, sizes, source)`` after the reduction.
@@ -102,8 +107,14 @@ def reduce_step(
         source = update_source(source, plan.dest, has_dropped)
         has_dropped = has_dropped or not step.fuse
     if reduce:
+        positions = None
+        if grid is not None:
+            if not method.local_merging:
+                raise ValueError(f"method {method.name!r} cannot restrict merging to spatial neighbours "
+                                 "(rope='local'); use method='tome' or 'mlerp', or another rope treatment")
+            positions = token_positions(grid, source, x.shape[1], x.shape[0])
         inputs = StepInputs(x, metric, cls_attn, value_score, step.num_prefix_tokens, step.layer, step.depth,
-                            step.option)
+                            step.option, positions)
         merge = method.plan(inputs, step.r)
         x, sizes = merge_tokens(x, sizes, merge.dest, merge.num_out, has_dropped=method.may_drop, norm=method.norm)
         source = update_source(source, merge.dest, has_dropped)

@@ -199,6 +199,8 @@ class ReductionSettings:
         prop_attn: proportional attention (``log(size)`` added to attention logits). ``None``
             (default) means on when merging is on and off for pruning alone, as in EViT.
         depth: number of blocks the schedule covers (fixed at patch time).
+        rope: how merged tokens of a rotary-position model get their rotation (see
+            :mod:`tokenslim.ops.rope`); ``None``: the default (``"mean"``). Rotary models only.
     """
 
     def __init__(
@@ -214,8 +216,11 @@ class ReductionSettings:
         threshold: Optional[float] = None,
         margin: Optional[float] = None,
         pools_patches: bool = False,
+        rope: Optional[str] = None,
+        has_rope: bool = False,
     ) -> None:
         self._depth = int(depth)
+        self._has_rope = bool(has_rope)
         self._pools_patches = bool(pools_patches)
         self._has_class_token = has_class_token
         self._plans: dict = {}
@@ -230,6 +235,7 @@ class ReductionSettings:
         self.prop_attn = prop_attn
         self.threshold = threshold
         self.margin = margin
+        self.rope = rope
         self._ready = True
         self._check_drops()
 
@@ -307,6 +313,31 @@ class ReductionSettings:
             if name == "threshold" and value < 0:
                 raise ValueError(f"threshold is a variance and must be >= 0, got {value}")
         self._options = {**self._options, name: value}
+
+    @property
+    def rope(self) -> Optional[str]:
+        """The rotary treatment of merged tokens as requested (``None``: the default); rotary models only."""
+        return self._rope
+
+    @rope.setter
+    def rope(self, value: Optional[str]) -> None:
+        from .ops.rope import ROPE_TREATMENTS
+
+        if value is not None:
+            if not self._has_rope:
+                raise ValueError("rope= sets how merged tokens get their rotary positions, and this model has no "
+                                 "rotary position embedding; leave rope unset")
+            if not isinstance(value, str) or value.lower() not in ROPE_TREATMENTS:
+                raise ValueError(f"rope must be one of {', '.join(ROPE_TREATMENTS)}, got {value!r}")
+            value = value.lower()
+        self._rope = value
+
+    @property
+    def rope_treatment(self) -> str:
+        """The rotary treatment in use (the default when :attr:`rope` is ``None``)."""
+        from .ops.rope import DEFAULT_ROPE
+
+        return self._rope or DEFAULT_ROPE
 
     @property
     def option(self) -> Optional[float]:
@@ -470,6 +501,7 @@ class ReductionSettings:
             "r": plain(self._r), "keep_rate": plain(self._keep_rate), "prune_layers": list(self._prune_layers),
             "fuse_pruned": self._fuse_pruned, "prop_attn": self._prop_attn, "depth": self._depth,
             "method": self._method.name, "threshold": self.threshold, "margin": self.margin,
+            **({"rope": self._rope} if self._has_rope else {}),
         }
 
     def __repr__(self) -> str:

@@ -66,7 +66,7 @@ def parse_setting(text: str) -> Dict[str, Any]:
 
 
 _WORDS = {"true": True, "false": False, "none": None}
-WORD_KEYS = ("method", "criterion")
+WORD_KEYS = ("method", "criterion", "rope")
 """Keys whose values are names, written as bare words (``method=diffrate``)."""
 
 
@@ -135,7 +135,7 @@ def check_setting(model: nn.Module, setting: Dict[str, Any], text: Optional[str]
     """
     from .measure.macs import meta_copy
     from .ops.masks import _check_ratio
-    from .adapters.timm_vit import patch, token_plan
+    from .patching import patch, token_plan
 
     label = text if text is not None else format_setting(setting)
     try:

@@ -25,6 +25,8 @@ class StepInputs(NamedTuple):
         num_prefix_tokens: leading tokens that are never reduced and stay first, in order.
         layer: 0-based block index; ``depth``: number of blocks.
         option: the value of the method's option (PPT's ``threshold``, PiToMe's ``margin``), or ``None``.
+        positions: ``[B, N, 3]`` grid positions and extents when merging is restricted to spatial
+            neighbours (rotary models, ``rope="local"``; methods with ``local_merging`` only), else ``None``.
     """
 
     x: torch.Tensor
@@ -35,6 +37,7 @@ class StepInputs(NamedTuple):
     layer: int
     depth: int
     option: Optional[float]
+    positions: Optional[torch.Tensor] = None
 
 
 class StepPlan(NamedTuple):
@@ -65,6 +68,7 @@ class ReductionMethod:
         norm: how tokens that share a slot are combined (``"mean"`` or ``"max"``, see
             :func:`tokenslim.ops.merge_tokens`).
         full_attention: the method needs the full attention map (fused attention is lost).
+        local_merging: the plan honours :attr:`StepInputs.positions` (merges spatial neighbours only).
         option: name of the method's one numeric option (a keyword of :func:`tokenslim.patch`),
             ``None`` if it has none; ``option_default``: its default value.
     """
@@ -80,6 +84,7 @@ class ReductionMethod:
     may_drop: bool = False
     norm: str = "mean"
     full_attention: bool = False
+    local_merging: bool = False
     option: Optional[str] = None
     option_default: Optional[float] = None
 

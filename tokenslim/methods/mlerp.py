@@ -17,4 +17,5 @@ METHOD = ReductionMethod(
     max_r=half,
     needs_keys=True,
     norm="max",
+    local_merging=True,
 )

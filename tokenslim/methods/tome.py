@@ -9,7 +9,7 @@ from .base import ReductionMethod, StepInputs, StepPlan, half
 
 
 def plan(inputs: StepInputs, r: int) -> StepPlan:
-    merge = bipartite_soft_matching(inputs.keys, r, inputs.num_prefix_tokens)
+    merge = bipartite_soft_matching(inputs.keys, r, inputs.num_prefix_tokens, inputs.positions)
     return StepPlan(merge.dest, merge.num_out)
 
 
@@ -19,4 +19,5 @@ METHOD = ReductionMethod(
     plan=plan,
     max_r=half,
     needs_keys=True,
+    local_merging=True,
 )

@@ -7,9 +7,10 @@ partner's slot. One map drives everything downstream: the size-weighted merge is
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from .positions import neighbour_scores
 from .sorting import argsort_desc_stable
 
 
@@ -25,7 +26,12 @@ class MergePlan(NamedTuple):
     num_out: int
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int = 0) -> MergePlan:
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    num_prefix_tokens: int = 0,
+    positions: Optional[torch.Tensor] = None,
+) -> MergePlan:
     """Plan the merge of ``r`` tokens by bipartite soft matching.
 
     Tokens at even absolute positions form set A, odd positions set B (prefix tokens included in
@@ -42,6 +48,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         metric: ``[B, N, C]`` similarity features (ToMe: keys averaged over heads).
         r: tokens to remove; clamped to ``(N - num_prefix_tokens) // 2``.
         num_prefix_tokens: leading tokens that are protected.
+        positions: ``[B, N, 3]`` grid positions and extents of the tokens
+            (:func:`~tokenslim.ops.positions.token_positions`): merge spatial neighbours only
+            (:func:`~tokenslim.ops.positions.neighbour_scores`). ``None``: ToMe's matching.
 
     Returns:
         A :class:`MergePlan`.
@@ -69,6 +78,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix_tokens: int
         return MergePlan(dest, n)
 
     scores = a @ b.transpose(-1, -2)
+    if positions is not None:
+        scores = neighbour_scores(scores, positions[:, ::2].float(), positions[:, 1::2].float())
     if a_pre:
         scores[:, :a_pre, :] = -torch.inf
     if b_pre:

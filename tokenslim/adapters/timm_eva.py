@@ -1,0 +1,443 @@
+"""Token reduction in timm's rotary-position ViTs: the ``Eva`` family.
+
+DINOv3 (``vit_*_dinov3``), EVA-02 (``eva02_*``), Perception Encoder (``vit_pe_*``) and RoPE-ViT
+(``vit_*_rope_*``) are all timm ``Eva`` models. Their blocks rotate the patch tokens' queries and
+keys by a rotary table (RoPE) that timm computes once per forward pass; after a reduction the
+table must follow the tokens:
+
+* pruning keeps the rows of the kept tokens (exact for them, as timm's own patch dropout does);
+* a merged token gets a rotation by the treatment ``rope=`` (:mod:`tokenslim.ops.rope`): the mean
+  of its members' angles (default), the mean of their rotations, one member's (positions ignored),
+  or the mean with merging restricted to spatial neighbours.
+
+The design follows :mod:`tokenslim.adapters.timm_vit`: the model's class is swapped for a subclass
+that overrides ``forward``, ``forward_features`` and ``forward_intermediates``; blocks run as timm's
+own until the first reduction (so ``r=0`` is the unpatched computation); per-call state is local.
+The ToMe similarity is measured on the keys before rotation (their content), so two patches that
+look alike match wherever they are; the rotation is then the treatment's business.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from timm.layers.attention import AttentionRope
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+from timm.models._features import feature_take_indices
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from torch import nn
+
+from ..input_size import resolve_img_size
+from ..ops import unmerge
+from ..ops.attention import AttentionResult, head_mean, reducing_attention
+from ..ops.positions import grid_positions, token_positions
+from ..ops.rope import affine_angles, reduced_rotary
+from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
+from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
+from .timm_vit import MergeTrace, check_timm_version
+
+SUPPORTED_BLOCKS = (EvaBlock, EvaBlockPostNorm)
+SUPPORTED_ATTENTION = (EvaAttention, AttentionRope)
+
+
+def _project(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values ``[B, heads, N, D]`` exactly as ``EvaAttention`` / ``AttentionRope`` make them."""
+    batch, n, _ = x.shape
+    heads, kv_heads = attn.num_heads, getattr(attn, "num_kv_heads", attn.num_heads)
+    if attn.qkv is not None:
+        bias = getattr(attn, "q_bias", None)
+        if bias is None:
+            qkv = attn.qkv(x)
+        else:
+            full = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate:
+                qkv = attn.qkv(x)
+                qkv += full
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=full)
+        q, k, v = qkv.reshape(batch, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+    q = attn.q_proj(x).reshape(batch, n, heads, -1).transpose(1, 2)
+    k = attn.k_proj(x).reshape(batch, n, kv_heads, -1).transpose(1, 2)
+    v = attn.v_proj(x).reshape(batch, n, kv_heads, -1).transpose(1, 2)
+    return q, k, v
+
+
+def attention_forward(
+    attn: nn.Module,
+    x: torch.Tensor,
+    rope: Optional[torch.Tensor],
+    log_size: Optional[torch.Tensor] = None,
+    return_metric: bool = False,
+    return_cls_attn: bool = False,
+    return_value_score: bool = False,
+) -> AttentionResult:
+    """timm ``EvaAttention`` / ``AttentionRope`` with a per-key bias, plus what reduction needs.
+
+    Args:
+        attn: the block's attention.
+        x: ``[B, N, C]`` normalised tokens.
+        rope: the rotary table of the current patch tokens (any shape timm's ``apply_rot_embed_cat``
+            broadcasts), or ``None``.
+        log_size: ``[B, 1, 1, N]`` proportional-attention bias, or ``None``.
+
+    Returns:
+        An :class:`~tokenslim.ops.attention.AttentionResult` with the projected ``[B, N, C]`` output;
+        its metric is the keys before rotation, averaged over heads.
+    """
+    batch, n, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    q, k, v = _project(attn, x)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    metric = head_mean(k, None) if return_metric else None
+    if rope is not None:
+        p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :p, :], apply_rot_embed_cat(q[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :p, :], apply_rot_embed_cat(k[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
+    groups = getattr(attn, "num_kv_groups", 1)
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    res = reducing_attention(
+        q, k, v, log_size,
+        scale=None if attn.fused_attn else attn.scale,
+        fused=attn.fused_attn,
+        dropout_p=attn.attn_drop.p if attn.training else 0.0,
+        return_cls_attn=return_cls_attn, return_value_score=return_value_score,
+    )
+    y = attn.norm(res.out.transpose(1, 2).reshape(batch, n, -1))
+    if gate is not None:
+        y = y * gate
+    return res._replace(out=attn.proj_drop(attn.proj(y)), metric=metric)
+
+
+def reducing_block(
+    block: nn.Module,
+    x: torch.Tensor,
+    sizes: Optional[torch.Tensor],
+    source: Optional[torch.Tensor],
+    step: BlockStep,
+    rope: Optional[torch.Tensor],
+    grid: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One ``EvaBlock`` (pre-norm, optional LayerScale) or ``EvaBlockPostNorm`` with token reduction.
+
+    Reduction sits after the attention residual and before the MLP, as in ToMe and EViT.
+    ``grid`` (original token positions) restricts merging to spatial neighbours when given.
+    """
+    post_norm = isinstance(block, EvaBlockPostNorm)
+    attn = attention_forward(
+        block.attn, x if post_norm else block.norm1(x), rope, step_log_size(step, sizes),
+        return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
+        return_value_score=step.wants_value_score,
+    )
+    if post_norm:
+        x = x + block.drop_path1(block.norm1(attn.out))
+    else:
+        y = attn.out if block.gamma_1 is None else block.gamma_1 * attn.out
+        x = x + block.drop_path1(y)
+    x, sizes, source = reduce_step(x, attn, sizes, source, step, grid)
+    if post_norm:
+        return x + block.drop_path2(block.norm2(block.mlp(x))), sizes, source
+    y = block.mlp(block.norm2(x))
+    if block.gamma_2 is not None:
+        y = block.gamma_2 * y
+    return x + block.drop_path2(y), sizes, source
+
+
+class _RotaryState:
+    """The rotary tables of one forward pass: the model's table per block, turned into the
+    reduced tokens' tables by the settings' treatment (angles fitted once per table)."""
+
+    def __init__(self, model: "TokenSlimEva", table: Optional[torch.Tensor], grid_hw: Tuple[int, int],
+                 device: torch.device) -> None:
+        self.table, self.mixed = table, bool(getattr(model, "rope_mixed", False)) and table is not None
+        self.treatment = model.tokenslim.rope_treatment
+        self.height, self.width = grid_hw
+        self.num_prefix_tokens = model.num_prefix_tokens
+        needs_grid = self.treatment in ("mean", "local") and table is not None
+        self.grid = grid_positions(self.height, self.width, self.num_prefix_tokens, device) if needs_grid else None
+        self._angles: dict = {}
+
+    def block_table(self, i: int) -> Optional[torch.Tensor]:
+        """The model's own table for block ``i`` (what timm passes to it)."""
+        if self.table is None:
+            return None
+        return self.table[i] if self.mixed else self.table
+
+    def local_grid(self) -> Optional[torch.Tensor]:
+        """Original positions for merging restricted to neighbours (``rope="local"``), else ``None``."""
+        return self.grid if self.treatment == "local" else None
+
+    def reduced(self, i: int, source: Optional[torch.Tensor], num_tokens: int) -> Optional[torch.Tensor]:
+        """The table for block ``i``'s current tokens."""
+        table = self.block_table(i)
+        if table is None or source is None:
+            return table
+        angles = positions = None
+        if self.grid is not None:
+            key = i if self.mixed else 0
+            if key not in self._angles:
+                self._angles[key] = affine_angles(table, self.height, self.width)
+            angles = self._angles[key]
+            positions = token_positions(self.grid, source, num_tokens, source.shape[0])
+        return reduced_rotary(table, source, num_tokens, self.num_prefix_tokens, self.treatment, angles, positions)
+
+
+class TokenSlimEva(Eva):
+    """A patched :class:`timm.models.eva.Eva` (see :func:`patch`)."""
+
+    tokenslim: ReductionSettings
+
+    def tokenslim_plan(self, num_tokens: int) -> TokenPlan:
+        """Token counts per block for ``num_tokens`` tokens entering the first block."""
+        settings = self.tokenslim
+        if settings.depth != len(self.blocks):
+            raise RuntimeError(
+                f"the model has {len(self.blocks)} blocks but was patched with {settings.depth}; "
+                "call tokenslim.patch(model, ...) again after changing its blocks"
+            )
+        return settings.plan(num_tokens, self.num_prefix_tokens)
+
+    def _tokenslim_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
+        x = self.patch_embed(x)
+        grid_hw = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x, rope = self._pos_embed(x)
+        return self.norm_pre(x), rope, grid_hw
+
+    def _tokenslim_blocks(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor],
+        grid_hw: Tuple[int, int],
+        attn_mask: Optional[torch.Tensor],
+        is_causal: bool,
+        take_indices: Optional[List[int]] = None,
+        last_index: Optional[int] = None,
+    ):
+        """Run the blocks; returns tokens, sizes, source map, whether tokens were dropped, and
+        ``(tokens, source, has_dropped)`` of every block in ``take_indices``."""
+        plan = self.tokenslim_plan(x.shape[1])
+        if plan.reduces and (attn_mask is not None or is_causal):
+            raise ValueError(
+                "attn_mask / is_causal cannot be combined with token reduction: reduced tokens no "
+                "longer line up with the mask. Set r=0 and keep_rate=None to use masks."
+            )
+        rotary = _RotaryState(self, rope, grid_hw, x.device)
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        sizes: Optional[torch.Tensor] = None
+        source: Optional[torch.Tensor] = None
+        has_dropped = reduced = False
+        taken = []
+        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens)
+        for i, (block, step) in enumerate(zip(self.blocks, steps)):
+            if last_index is not None and i > last_index:
+                break
+            has_dropped = plan.dropped[i]
+            if not reduced and not step.reduces:
+                table = rotary.block_table(i)
+                if checkpointing:
+                    x = torch.utils.checkpoint.checkpoint(block, x, table, attn_mask, is_causal, use_reentrant=False)
+                else:
+                    x = block(x, rope=table, attn_mask=attn_mask, is_causal=is_causal)
+            else:
+                _check_block(i, block)
+                reduced = True
+                table = rotary.reduced(i, source, x.shape[1])
+                if checkpointing:
+                    x, sizes, source = torch.utils.checkpoint.checkpoint(
+                        reducing_block, block, x, sizes, source, step, table, rotary.local_grid(),
+                        use_reentrant=False)
+                else:
+                    x, sizes, source = reducing_block(block, x, sizes, source, step, table, rotary.local_grid())
+            if take_indices is not None and i in take_indices:
+                taken.append((x, source, has_dropped))
+        return x, sizes, source, has_dropped, taken
+
+    def _tokenslim_final(self, x: torch.Tensor, source: Optional[torch.Tensor], has_dropped: bool) -> torch.Tensor:
+        x = self.norm(x)  # per token: norming before the unmerge gather is exact and cheaper
+        return x if source is None else unmerge(x, source, has_dropped)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """timm's ``forward_head(forward_features(x))``; a class-token head reads the reduced tokens as they are."""
+        if _pools_patches(self) or self.global_pool != "token":
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        x, rope, grid_hw = self._tokenslim_embed(x)
+        x, _, _, _, _ = self._tokenslim_blocks(x, rope, grid_hw, attn_mask, is_causal)
+        return self.forward_head(self.norm(x))
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        """Embeddings, blocks with token reduction, final norm; ``[B, N0, C]`` with every merged token
+        repeated over the patches it holds, so timm's pooling is size-weighted pooling."""
+        x, rope, grid_hw = self._tokenslim_embed(x)
+        x, _, source, dropped, _ = self._tokenslim_blocks(x, rope, grid_hw, attn_mask, is_causal)
+        return self._tokenslim_final(x, source, dropped)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+    ):
+        """timm's ``forward_intermediates`` with token reduction: ``NLC`` gives each block's reduced
+        tokens, ``NCHW`` unmerges them onto the full patch grid (zero where pruning dropped a patch)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x, rope, grid_hw = self._tokenslim_embed(x)
+        x, _, source, dropped, taken = self._tokenslim_blocks(
+            x, rope, grid_hw, attn_mask, is_causal, take_indices=take_indices,
+            last_index=max_index if stop_early else None)
+        prefix = self.num_prefix_tokens
+        intermediates, prefix_tokens = [], []
+        for y, y_source, y_dropped in taken:
+            if norm:
+                y = self.norm(y)
+            if output_fmt == "NCHW" and y_source is not None:
+                y = unmerge(y, y_source, y_dropped)
+            prefix_tokens.append(y[:, :prefix])
+            intermediates.append(y[:, prefix:])
+        if output_fmt == "NCHW":
+            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if return_prefix_tokens and prefix:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self._tokenslim_final(x, source, dropped), intermediates
+
+
+def _check_block(i: int, block: nn.Module) -> None:
+    if type(block) not in SUPPORTED_BLOCKS or type(block.attn) not in SUPPORTED_ATTENTION:
+        raise TypeError(
+            f"block {i} is now a {type(block).__qualname__} with {type(block.attn).__qualname__} attention: it was "
+            "replaced after tokenslim.patch, and token reduction supports timm's EvaBlock / EvaBlockPostNorm with "
+            "EvaAttention / AttentionRope only. Restore the block, or tokenslim.unpatch(model) to run it unreduced")
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Refuse, by name and before changing anything, what tokenslim cannot reduce exactly."""
+    if not isinstance(model, Eva) or type(model) not in (Eva, TokenSlimEva):
+        raise TypeError(f"tokenslim's Eva adapter takes timm.models.eva.Eva models, got {type(model).__qualname__}")
+    if not isinstance(model.blocks, nn.ModuleList) or len(model.blocks) == 0:
+        raise TypeError("tokenslim expects model.blocks to be a non-empty nn.ModuleList of timm EvaBlocks")
+    for i, block in enumerate(model.blocks):
+        if type(block) not in SUPPORTED_BLOCKS:
+            raise TypeError(f"tokenslim cannot patch block {i} of type {type(block).__qualname__}: only timm's "
+                            "EvaBlock and EvaBlockPostNorm are supported")
+        if type(block.attn) not in SUPPORTED_ATTENTION:
+            raise TypeError(f"tokenslim cannot patch the attention of block {i}, of type "
+                            f"{type(block.attn).__qualname__}: only EvaAttention and AttentionRope are supported")
+        if block.attn.num_prefix_tokens != model.num_prefix_tokens:
+            raise TypeError(f"block {i} skips the rotary table for {block.attn.num_prefix_tokens} prefix tokens but the "
+                            f"model has {model.num_prefix_tokens}; tokenslim needs them to agree")
+    if model.patch_drop is not None:
+        raise ValueError("this Eva model was built with patch dropout (patch_drop_rate > 0), which drops random "
+                         "tokens before the blocks; token reduction cannot follow it. Build the model with "
+                         "patch_drop_rate=0 (patch dropout is a training-time regulariser)")
+    rope = getattr(model, "rope", None)
+    if rope is not None and not hasattr(rope, "feat_shape") and not model.dynamic_img_size:
+        raise TypeError(f"tokenslim cannot read the rotary table of {type(rope).__qualname__} (it has no feature "
+                        "shape); supported rope types: cat, mixed, dinov3")
+
+
+def _pools_patches(model: nn.Module) -> bool:
+    return model.attn_pool is not None or model.global_pool not in ("token", "")
+
+
+def has_rope(model: nn.Module) -> bool:
+    """Whether ``model`` rotates queries and keys by rotary position embeddings."""
+    return getattr(model, "rope", None) is not None
+
+
+def patch(
+    model: nn.Module,
+    r: RSpec = 0,
+    keep_rate: Optional[Union[float, Sequence[float]]] = None,
+    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
+    fuse_pruned: bool = False,
+    prop_attn: Optional[bool] = None,
+    method: str = "tome",
+    threshold: Optional[float] = None,
+    margin: Optional[float] = None,
+    rope: Optional[str] = None,
+) -> nn.Module:
+    """Patch a timm ``Eva`` model (DINOv3, EVA-02, Perception Encoder, RoPE-ViT) in place.
+
+    Takes the settings of :func:`tokenslim.adapters.timm_vit.patch`, plus ``rope``: how a merged
+    token gets its rotary position (``"mean"``, the default; ``"blend"``, ``"local"``, ``"ignore"``;
+    see :mod:`tokenslim.ops.rope`). Rotary models only.
+
+    Raises:
+        TypeError: an unsupported block, attention or rope type (nothing is changed).
+        ValueError: bad settings, patch dropout, or ``rope=`` on a model without rotary positions.
+    """
+    check_timm_version()
+    _check_supported(model)
+    settings = ReductionSettings(
+        len(model.blocks), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
+        prop_attn=prop_attn, has_class_token=model.cls_token is not None, method=method,
+        threshold=threshold, margin=margin, pools_patches=_pools_patches(model), rope=rope, has_rope=has_rope(model),
+    )
+    if settings.rope_treatment == "local" and has_rope(model) and any(settings.r_schedule) \
+            and not settings.method_spec.local_merging:
+        raise ValueError(f"rope='local' restricts ToMe's matching to spatial neighbours, and method "
+                         f"{settings.method!r} does not use that matching; use method='tome' or 'mlerp'")
+    model.tokenslim = settings
+    model.__class__ = TokenSlimEva
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore timm's ``Eva`` class (a no-op if not patched)."""
+    if type(model) is TokenSlimEva:
+        model.__class__ = Eva
+        del model.tokenslim
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is currently patched by tokenslim."""
+    return type(model) is TokenSlimEva
+
+
+@torch.no_grad()
+def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
+    """Which patches each token holds after a patched Eva model's blocks (see
+    :func:`tokenslim.adapters.timm_vit.trace_merges`)."""
+    if not is_patched(model):
+        raise TypeError("trace_merges needs a patched model: call tokenslim.patch(model, r=...) first")
+    x, rope, grid_hw = model._tokenslim_embed(images)
+    n0 = x.shape[1]
+    x, sizes, source, _, _ = model._tokenslim_blocks(x, rope, grid_hw, None, False)
+    batch = x.shape[0]
+    if source is None:
+        source = torch.arange(n0, device=x.device).expand(batch, n0)
+    if sizes is None:
+        sizes = torch.ones(batch, x.shape[1], 1, device=x.device)
+    return MergeTrace(tokens=x, sizes=sizes.squeeze(-1), source=source)
+
+
+def token_plan(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> TokenPlan:
+    """Tokens entering each block of a timm Eva model (patched or not) for one input size."""
+    _check_supported(model)
+    if img_size is None:
+        grid = tuple(model.patch_embed.grid_size)
+    else:
+        grid = tuple(model.patch_embed.dynamic_feat_size(resolve_img_size(model, img_size)))
+    num_tokens = grid[0] * grid[1] + model.num_prefix_tokens
+    if is_patched(model):
+        return model.tokenslim_plan(num_tokens)
+    return plan_tokens(num_tokens, model.num_prefix_tokens, [0] * len(model.blocks))

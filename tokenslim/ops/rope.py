@@ -1,0 +1,157 @@
+"""Rotary position tables (RoPE) for reduced tokens: pure tensor functions.
+
+timm's rotary models (the ``Eva`` family: DINOv3, EVA-02, Perception Encoder, RoPE-ViT) rotate the
+queries and keys of the patch tokens by a table ``[..., N, 2 * D]`` holding ``sin`` then ``cos`` of
+one angle per channel and patch (leading dims: none, or ``[heads]`` / ``[depth, heads]`` for
+RoPE-Mixed). After pruning, a kept token keeps its own row. A merged token holds several patches,
+and so several rotations; the treatments (``rope=`` in :func:`tokenslim.patch`):
+
+* ``"ignore"``: the merged token keeps one member's row (the first in raster order), as code that
+  ignores positions would do: the baseline.
+* ``"mean"``: the rotation by the size-weighted mean of the members' angles. In every timm rope
+  type the angle is an affine function of the patch's grid coordinates, so this is the angle at
+  the members' mean position (:func:`rotary_at`).
+* ``"blend"``: the size-weighted mean of the members' rotations (the mean of their table rows, not
+  renormalised). A query's logit against such a key equals the mean of its logits against the
+  members' keys, if the members had the same content; high-frequency channels, where the members'
+  angles disagree, are damped rather than pointed somewhere arbitrary.
+* ``"local"``: ``"mean"``, with merging restricted to spatial neighbours
+  (:func:`tokenslim.ops.positions.neighbour_scores`), so a token's members stay close to its mean.
+
+Tokens of one patch always keep their exact row, so pruning is exact for the tokens it keeps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+ROPE_TREATMENTS = ("mean", "blend", "local", "ignore")
+DEFAULT_ROPE = "mean"
+
+
+def _wrap(angle: torch.Tensor) -> torch.Tensor:
+    """Angles folded into ``(-pi, pi]``."""
+    return angle - 2 * math.pi * torch.floor((angle + math.pi) / (2 * math.pi))
+
+
+def affine_angles(table: torch.Tensor, height: int, width: int, tolerance: float = 1e-3
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Read a rotary table as ``angle(row, col) = base + row * row_step + col * col_step``.
+
+    Args:
+        table: ``[..., H*W, 2*D]`` (``sin`` then ``cos``), raster order.
+        height, width: the patch grid.
+        tolerance: largest ``|sin|``/``|cos|`` error of the fit accepted on the grid.
+
+    Returns:
+        ``(base, row_step, col_step)``, each ``[..., D]`` float32; steps are taken in ``(-pi, pi]``.
+
+    Raises:
+        ValueError: a table that is not affine in the grid coordinates (the fit misses it).
+    """
+    if table.shape[-2] != height * width:
+        raise ValueError(f"the rotary table has {table.shape[-2]} rows for a {height}x{width} patch grid")
+    sin, cos = table.float().chunk(2, dim=-1)
+    angle = torch.atan2(sin, cos).unflatten(-2, (height, width))  # [..., H, W, D]
+    base = angle[..., 0, 0, :]
+    row_step = _wrap(angle[..., 1, 0, :] - base) if height > 1 else torch.zeros_like(base)
+    col_step = _wrap(angle[..., 0, 1, :] - base) if width > 1 else torch.zeros_like(base)
+    rows = torch.arange(height, dtype=torch.float32, device=table.device).view(height, 1, 1)
+    cols = torch.arange(width, dtype=torch.float32, device=table.device).view(1, width, 1)
+    fit = base[..., None, None, :] + rows * row_step[..., None, None, :] + cols * col_step[..., None, None, :]
+    if table.is_meta or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return base, row_step, col_step  # no values to check (cost counting, export): checked in eager runs
+    with torch.no_grad():
+        error = torch.maximum((fit.sin() - sin.unflatten(-2, (height, width))).abs().amax(),
+                              (fit.cos() - cos.unflatten(-2, (height, width))).abs().amax())
+    if float(error) > tolerance:
+        raise ValueError(
+            f"the rotary table is not an affine function of the patch coordinates (fit error {float(error):.2e}); "
+            "rope='mean' and rope='local' need one. Use rope='blend' or rope='ignore'")
+    return base, row_step, col_step
+
+
+def rotary_at(angles: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], positions: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The rotary rows at (fractional) positions.
+
+    Args:
+        angles: from :func:`affine_angles`, each ``[*L, D]``.
+        positions: ``[B, M, 2]`` ``(row, col)``.
+
+    Returns:
+        ``[B, *L, M, 2*D]`` in ``dtype``.
+    """
+    base, row_step, col_step = angles
+    lead = base.dim() - 1
+    shape = (positions.shape[0],) + (1,) * lead + (positions.shape[1], 1)
+    rows, cols = positions[..., 0].reshape(shape), positions[..., 1].reshape(shape)
+    angle = base.unsqueeze(-2) + rows * row_step.unsqueeze(-2) + cols * col_step.unsqueeze(-2)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).to(dtype)
+
+
+def _batched_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[..., index[b], :]`` for every batch row: ``[*L, Np, E]`` and ``[B, M]`` -> ``[B, *L, M, E]``."""
+    lead = table.dim() - 2
+    batch, m = index.shape
+    expanded = table.unsqueeze(0).expand(batch, *table.shape)
+    idx = index.view(batch, *([1] * lead), m, 1).expand(batch, *table.shape[:-2], m, table.shape[-1])
+    return expanded.gather(-2, idx)
+
+
+def reduced_rotary(
+    table: torch.Tensor,
+    source: Optional[torch.Tensor],
+    num_tokens: int,
+    num_prefix_tokens: int,
+    treatment: str,
+    angles: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    positions: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The rotary table of the current (reduced) patch tokens.
+
+    Args:
+        table: ``[*L, Np, 2*D]`` the model's table for the original patch tokens.
+        source: ``[B, N0]`` source map (``-1``: dropped), or ``None``: nothing reduced, ``table`` is returned.
+        num_tokens: current tokens ``N`` (prefix included).
+        num_prefix_tokens: ``P``; the rows are for tokens ``P..N-1``.
+        treatment: one of :data:`ROPE_TREATMENTS`.
+        angles: :func:`affine_angles` of ``table`` (``"mean"`` / ``"local"``).
+        positions: ``[B, N, 3]`` from :func:`tokenslim.ops.positions.token_positions` (``"mean"`` / ``"local"``).
+
+    Returns:
+        ``[B, *L, N - P, 2*D]``, or ``[B, 1, N - P, 2*D]`` for a table without leading dims (one
+        broadcast over heads, as timm shapes tables after patch dropout).
+    """
+    if treatment not in ROPE_TREATMENTS:
+        raise ValueError(f"rope must be one of {', '.join(ROPE_TREATMENTS)}, got {treatment!r}")
+    if source is None:
+        return table
+    p, n_patch = num_prefix_tokens, table.shape[-2]
+    batch, slots = source.shape[0], num_tokens - p
+    member = source[:, p:] - p  # [B, Np]: current patch slot of each original patch, < 0 if dropped
+    member = torch.where(member < 0, slots, member)  # dropped patches go to an extra slot, cut off
+    order = torch.arange(n_patch, device=source.device).expand(batch, n_patch)
+    first = torch.full((batch, slots + 1), n_patch, device=source.device, dtype=torch.long)
+    first = first.scatter_reduce(1, member, order, reduce="amin")[:, :slots]
+    rows = _batched_rows(table, first.clamp(max=n_patch - 1))  # [B, *L, M, 2D]: one member's exact row
+    if treatment != "ignore":
+        count = torch.zeros(batch, slots + 1, device=source.device).scatter_add_(
+            1, member, torch.ones(batch, n_patch, device=source.device))[:, :slots]
+        lead = table.dim() - 2
+        several = (count > 1).view(batch, *([1] * lead), slots, 1)
+        if treatment == "blend":
+            expanded = table.unsqueeze(0).expand(batch, *table.shape).float()
+            idx = member.view(batch, *([1] * lead), n_patch, 1).expand(batch, *table.shape[:-2], n_patch,
+                                                                        table.shape[-1])
+            summed = expanded.new_zeros(batch, *table.shape[:-2], slots + 1, table.shape[-1]).scatter_add_(
+                -2, idx, expanded)[..., :slots, :]
+            mixed = (summed / count.clamp_min(1).view(batch, *([1] * lead), slots, 1)).to(table.dtype)
+        else:
+            if angles is None or positions is None:
+                raise ValueError(f"rope={treatment!r} needs the table's affine angles and the token positions")
+            mixed = rotary_at(angles, positions[:, p:, :2], table.dtype)
+        rows = torch.where(several, mixed, rows)
+    return rows.unsqueeze(1) if table.dim() == 2 else rows
