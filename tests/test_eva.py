@@ -7,7 +7,7 @@ import torch
 
 import tokenslim
 from tokenslim.ops.positions import grid_positions, neighbour_scores, token_positions
-from tokenslim.ops.rope import affine_angles, reduced_rotary
+from tokenslim.ops.rope import affine_angles, check_affine, reduced_rotary
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
 
@@ -257,7 +257,10 @@ def test_neighbour_scores_rank_neighbours_first():
 def test_affine_fit_refuses_a_table_that_is_not_affine():
     table = torch.randn(16, 8)
     with pytest.raises(ValueError, match="not an affine function"):
-        affine_angles(table, 4, 4)
+        check_affine(table, 4, 4)
+    for name in ("rope_vit", "rope_mixed", "dinov3_token", "eva02"):
+        model = make_eva(name)
+        check_affine(_table(model), 8, 8, tolerance=1e-5)
 
 
 def test_settings_text_and_refusals():
@@ -289,3 +292,52 @@ def test_macs_follow_the_reduction():
     assert count_macs(model).gmacs == full
     tokenslim.patch(model, r=12)  # 69, 57, 45, 33 tokens entering the four blocks
     assert count_macs(model).gmacs < 0.8 * full
+
+
+@pytest.mark.parametrize("text", ["r=4", "r=4,rope=blend", "r=4,rope=local", "r=4,rope=ignore",
+                                  "keep_rate=0.5,prune_layers=(1,)"])
+def test_onnx_export_equals_eager(tmp_path, text):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tokenslim.export import export, load
+
+    model = tokenslim.apply(make_eva("rope_vit"), text)
+    result = export(model, images(2), str(tmp_path / "m.onnx"), check_batches=(1, 3))
+    assert max(result.max_abs_diff.values()) <= 1e-4
+    x = images(3, seed=9)
+    with torch.no_grad():
+        want = model(x)
+    assert want.abs().max() > 0.1  # outputs of a useful size: the comparison can fail
+    torch.testing.assert_close(load(str(tmp_path / "m.onnx"))(x), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["bias_norm", "lora"])
+def test_recovery_lowers_the_gap_on_a_rotary_model(method):
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    from tokenslim.recover import recover
+
+    if method == "lora":
+        pytest.importorskip("peft")
+    teacher = make_eva("rope_vit")
+    model = tokenslim.patch(copy.deepcopy(teacher), r=8)
+    x = images(32, seed=7)
+
+    def kl():
+        with torch.no_grad():
+            t, s = teacher(x).log_softmax(-1), model(x).log_softmax(-1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    shapes = {n: p.shape for n, p in model.state_dict().items()}
+    bias = model.blocks[0].attn.qkv.bias.detach().clone()
+    before = kl()
+    recover(model, teacher, TensorDataset(x, torch.arange(32) % 10), method=method, steps=20, lr=1e-3,
+            batch_size=16, progress=False)
+    assert kl() < before
+    assert {n: p.shape for n, p in model.state_dict().items()} == shapes
+    if method == "bias_norm":
+        # A rotated key bias changes logits per position, so unlike in a plain ViT it trains.
+        dim = bias.shape[0] // 3
+        assert not torch.equal(model.blocks[0].attn.qkv.bias[dim:2 * dim], bias[dim:2 * dim])

@@ -65,7 +65,7 @@ def check_exportable(model: nn.Module) -> None:
     from .patching import adapter_for
 
     adapter = adapter_for(model).__name__.rsplit(".", 1)[-1]
-    if adapter != "timm_vit":
+    if adapter not in ("timm_vit", "timm_eva"):
         raise TypeError(f"export covers timm ViTs; {type(model).__name__} goes through the {adapter} adapter, whose "
                         "export is not tested yet: export the equivalent timm model (the same weights load into it)")
     from .adapters.timm_channels import has_masks

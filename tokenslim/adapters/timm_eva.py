@@ -33,7 +33,7 @@ from ..input_size import resolve_img_size
 from ..ops import unmerge
 from ..ops.attention import AttentionResult, head_mean, reducing_attention
 from ..ops.positions import grid_positions, token_positions
-from ..ops.rope import affine_angles, reduced_rotary
+from ..ops.rope import affine_angles, check_affine, reduced_rotary
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
 from .timm_vit import MergeTrace, check_timm_version
@@ -160,6 +160,7 @@ class _RotaryState:
         needs_grid = self.treatment in ("mean", "local") and table is not None
         self.grid = grid_positions(self.height, self.width, self.num_prefix_tokens, device) if needs_grid else None
         self._angles: dict = {}
+        self._last: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
 
     def block_table(self, i: int) -> Optional[torch.Tensor]:
         """The model's own table for block ``i`` (what timm passes to it)."""
@@ -176,6 +177,8 @@ class _RotaryState:
         table = self.block_table(i)
         if table is None or source is None:
             return table
+        if not self.mixed and self._last[0] is source:
+            return self._last[1]  # no reduction since the last block: the same tokens, the same table
         angles = positions = None
         if self.grid is not None:
             key = i if self.mixed else 0
@@ -183,7 +186,9 @@ class _RotaryState:
                 self._angles[key] = affine_angles(table, self.height, self.width)
             angles = self._angles[key]
             positions = token_positions(self.grid, source, num_tokens, source.shape[0])
-        return reduced_rotary(table, source, num_tokens, self.num_prefix_tokens, self.treatment, angles, positions)
+        rows = reduced_rotary(table, source, num_tokens, self.num_prefix_tokens, self.treatment, angles, positions)
+        self._last = (source, rows)
+        return rows
 
 
 class TokenSlimEva(Eva):
@@ -395,9 +400,24 @@ def patch(
             and not settings.method_spec.local_merging:
         raise ValueError(f"rope='local' restricts ToMe's matching to spatial neighbours, and method "
                          f"{settings.method!r} does not use that matching; use method='tome' or 'mlerp'")
+    if has_rope(model) and settings.rope_treatment in ("mean", "local"):
+        _check_rope_table(model)
     model.tokenslim = settings
     model.__class__ = TokenSlimEva
     return model
+
+
+def _check_rope_table(model: nn.Module) -> None:
+    """The mean-angle treatments read the table as affine in the grid coordinates: check it once."""
+    grid = tuple(model.patch_embed.grid_size)
+    with torch.no_grad():
+        try:
+            table = model.rope.get_embed(shape=list(grid))
+        except (TypeError, AssertionError):
+            table = model.rope.get_embed()
+    if table.is_meta:
+        return
+    check_affine(table, *grid)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -100,7 +100,7 @@ def run_macs(args: argparse.Namespace) -> None:
     import timm
     import torch
 
-    from ..adapters.timm_vit import token_plan
+    from ..patching import token_plan
     from ..measure.macs import UNIT, count_macs
     from ..spec import CHANNEL_KEYS, apply_setting, format_setting, parse_setting
 

@@ -20,7 +20,7 @@ def add_vis_args(p: argparse.ArgumentParser) -> None:
 def run_vis_cmd(args: argparse.Namespace) -> None:
     import torch
 
-    from ..adapters.timm_vit import trace_merges
+    from ..patching import trace_merges
     from ..evaluate import open_dataset, resolve_transform, subset
     from ..spec import apply_setting, format_setting
     from ..vis import merge_picture, patch_tokens, save_grid, token_counts, unnormalize

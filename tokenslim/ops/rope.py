@@ -36,41 +36,47 @@ def _wrap(angle: torch.Tensor) -> torch.Tensor:
     return angle - 2 * math.pi * torch.floor((angle + math.pi) / (2 * math.pi))
 
 
-def affine_angles(table: torch.Tensor, height: int, width: int, tolerance: float = 1e-3
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def affine_angles(table: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Read a rotary table as ``angle(row, col) = base + row * row_step + col * col_step``.
+
+    Reads three rows (patches ``(0, 0)``, ``(1, 0)`` and ``(0, 1)``), so it costs nothing next to
+    a block; :func:`check_affine` says whether the whole table follows the fit (every timm rope
+    type builds its table as coordinates times frequencies, so it does).
 
     Args:
         table: ``[..., H*W, 2*D]`` (``sin`` then ``cos``), raster order.
         height, width: the patch grid.
-        tolerance: largest ``|sin|``/``|cos|`` error of the fit accepted on the grid.
 
     Returns:
         ``(base, row_step, col_step)``, each ``[..., D]`` float32; steps are taken in ``(-pi, pi]``.
-
-    Raises:
-        ValueError: a table that is not affine in the grid coordinates (the fit misses it).
     """
     if table.shape[-2] != height * width:
         raise ValueError(f"the rotary table has {table.shape[-2]} rows for a {height}x{width} patch grid")
-    sin, cos = table.float().chunk(2, dim=-1)
-    angle = torch.atan2(sin, cos).unflatten(-2, (height, width))  # [..., H, W, D]
-    base = angle[..., 0, 0, :]
-    row_step = _wrap(angle[..., 1, 0, :] - base) if height > 1 else torch.zeros_like(base)
-    col_step = _wrap(angle[..., 0, 1, :] - base) if width > 1 else torch.zeros_like(base)
-    rows = torch.arange(height, dtype=torch.float32, device=table.device).view(height, 1, 1)
-    cols = torch.arange(width, dtype=torch.float32, device=table.device).view(1, width, 1)
-    fit = base[..., None, None, :] + rows * row_step[..., None, None, :] + cols * col_step[..., None, None, :]
-    if table.is_meta or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return base, row_step, col_step  # no values to check (cost counting, export): checked in eager runs
+    picks = [0, width if height > 1 else 0, 1 if width > 1 else 0]
+    sin, cos = table[..., picks, :].float().chunk(2, dim=-1)
+    angle = torch.atan2(sin, cos)  # [..., 3, D]
+    base = angle[..., 0, :]
+    return base, _wrap(angle[..., 1, :] - base), _wrap(angle[..., 2, :] - base)
+
+
+def check_affine(table: torch.Tensor, height: int, width: int, tolerance: float = 1e-3) -> None:
+    """Raise a clear error unless the whole rotary table follows :func:`affine_angles`' fit.
+
+    Raises:
+        ValueError: a table that is not affine in the grid coordinates (largest ``sin``/``cos``
+            error above ``tolerance``).
+    """
     with torch.no_grad():
-        error = torch.maximum((fit.sin() - sin.unflatten(-2, (height, width))).abs().amax(),
-                              (fit.cos() - cos.unflatten(-2, (height, width))).abs().amax())
-    if float(error) > tolerance:
+        base, row_step, col_step = affine_angles(table, height, width)
+        rows = torch.arange(height, dtype=torch.float32, device=table.device).repeat_interleave(width)
+        cols = torch.arange(width, dtype=torch.float32, device=table.device).repeat(height)
+        fit = base.unsqueeze(-2) + rows[:, None] * row_step.unsqueeze(-2) + cols[:, None] * col_step.unsqueeze(-2)
+        sin, cos = table.float().chunk(2, dim=-1)
+        error = float(torch.maximum((fit.sin() - sin).abs().amax(), (fit.cos() - cos).abs().amax()))
+    if error > tolerance:
         raise ValueError(
-            f"the rotary table is not an affine function of the patch coordinates (fit error {float(error):.2e}); "
+            f"the rotary table is not an affine function of the patch coordinates (fit error {error:.2e}); "
             "rope='mean' and rope='local' need one. Use rope='blend' or rope='ignore'")
-    return base, row_step, col_step
 
 
 def rotary_at(angles: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], positions: torch.Tensor,

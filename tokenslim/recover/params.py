@@ -83,6 +83,8 @@ def freeze_key_bias(model: nn.Module) -> List:
     """
     handles = []
     for name, module in model.named_modules():
+        if hasattr(module, "rotate_half"):
+            continue  # rotary attention (timm Eva family): a rotated key bias differs per position and does train
         qkv = getattr(module, "qkv", None)
         qkv = getattr(qkv, "base_layer", qkv)  # under a peft LoRA wrapper
         bias = getattr(qkv, "bias", None) if isinstance(qkv, nn.Linear) else None

@@ -99,7 +99,7 @@ class Search:
 
     def _gmacs(self, candidate_model: nn.Module, method: str, mlp: float) -> float:
         # Compute follows from the token counts (and the method's own matching work): count once.
-        from ..adapters.timm_vit import token_plan
+        from ..patching import token_plan
 
         img_size = self.timing.get("img_size")
         key = (method, token_plan(candidate_model, img_size).tokens, mlp)
