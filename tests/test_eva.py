@@ -341,3 +341,17 @@ def test_recovery_lowers_the_gap_on_a_rotary_model(method):
         # A rotated key bias changes logits per position, so unlike in a plain ViT it trains.
         dim = bias.shape[0] // 3
         assert not torch.equal(model.blocks[0].attn.qkv.bias[dim:2 * dim], bias[dim:2 * dim])
+
+
+def test_replaced_block_is_refused_by_name():
+    from timm.models.vision_transformer import Block
+
+    model = make_eva("rope_vit")
+    model.blocks[2] = Block(64, 4)
+    with pytest.raises(TypeError, match="cannot patch block 2 of type Block"):
+        tokenslim.patch(model, r=4)
+    assert not tokenslim.is_patched(model)
+    model = tokenslim.patch(make_eva("rope_vit"), r=4)
+    model.blocks[2] = Block(64, 4)
+    with pytest.raises(TypeError, match="block 2 is now a Block"):
+        model(images(1))

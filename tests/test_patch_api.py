@@ -242,7 +242,6 @@ def test_unsupported_models_refused_untouched():
         timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, block_fn=ResPostBlock),
         timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2,
                           block_fn=ParallelScalingBlock),
-        timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2),
         timm.create_model("beit_base_patch16_224", img_size=32, patch_size=4, depth=1, embed_dim=48, num_heads=3),
         timm.create_model("resnet18"),
     ]
