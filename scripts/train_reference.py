@@ -103,11 +103,30 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def warm_start(model: torch.nn.Module, path: str) -> None:
-    """Copy the tensors of a tokenslim checkpoint whose name and shape match ``model``'s; say what was left."""
+def grown(source: dict, repeat: int) -> dict:
+    """A state dict of ``repeat`` times the blocks: source block ``i`` starts blocks ``i*repeat .. i*repeat+repeat-1``;
+    every copy but the first has zero output projections (``attn.proj``, ``mlp.fc2``), so the grown model
+    computes the source model's function at the start of training."""
+    out = {}
+    for name, value in source.items():
+        if not name.startswith("blocks."):
+            out[name] = value
+            continue
+        _, index, rest = name.split(".", 2)
+        for copy in range(repeat):
+            zero = copy > 0 and rest.split(".")[0:2] in (["attn", "proj"], ["mlp", "fc2"])
+            out[f"blocks.{int(index) * repeat + copy}.{rest}"] = torch.zeros_like(value) if zero else value
+    return out
+
+
+def warm_start(model: torch.nn.Module, path: str, repeat: int = 1) -> None:
+    """Copy the tensors of a tokenslim checkpoint whose name and shape match ``model``'s (its blocks
+    repeated ``repeat`` times, see :func:`grown`); say what was left."""
     from tokenslim.loading import load_checkpoint
 
     source = load_checkpoint(path).state_dict()
+    if repeat > 1:
+        source = grown(source, repeat)
     own = model.state_dict()
     taken = {k: v.float() for k, v in source.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(taken, strict=False)
@@ -130,6 +149,9 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", default=None,
                    help="a tokenslim checkpoint whose tensors of matching name and shape start the training "
                         "(a warm start; the rest keeps its random initialisation)")
+    p.add_argument("--init-repeat", type=int, default=1,
+                   help="with --init-from: each of its blocks starts this many consecutive blocks (a model grown "
+                        "in depth; the extra copies start with zero output projections, i.e. as identities)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--embed-dim", type=int, default=192)
@@ -184,7 +206,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False, **model_kwargs)
     if args.init_from is not None and not os.path.isfile(args.state):
-        warm_start(model, args.init_from)
+        warm_start(model, args.init_from, args.init_repeat)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
