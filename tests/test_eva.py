@@ -166,7 +166,7 @@ def test_mean_rotation_is_the_row_at_the_mean_position(name):
     torch.testing.assert_close(rows[..., 3, :], table[..., 8 * 5 + 5, :], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("treatment", ["blend", "ignore", "mean"])
+@pytest.mark.parametrize("treatment", ["blend", "ignore", "mean", "local", "local_blend"])
 def test_treatments_against_per_token_reference(treatment):
     model = make_eva("rope_vit")
     tokenslim.patch(model, r=6, rope=treatment)
@@ -178,12 +178,13 @@ def test_treatments_against_per_token_reference(treatment):
     angles = affine_angles(table, 8, 8)
     got = reduced_rotary(table, trace.source, n, p, treatment, angles,
                          token_positions(grid_positions(8, 8, p), trace.source, n, 3))[:, 0]
+    rotation = {"local": "mean", "local_blend": "blend"}.get(treatment, treatment)
     for b in range(3):
         for slot in range(p, n):
             members = _members(trace.source, b, slot, p)
-            if treatment == "blend":
+            if rotation == "blend":
                 want = table[members].mean(0)
-            elif treatment == "ignore" or len(members) == 1:
+            elif rotation == "ignore" or len(members) == 1:
                 want = table[min(members)]
             else:
                 row = sum(m // 8 for m in members) / len(members)
@@ -193,7 +194,7 @@ def test_treatments_against_per_token_reference(treatment):
             torch.testing.assert_close(got[b, slot - p], want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("treatment", ["mean", "blend", "local", "ignore"])
+@pytest.mark.parametrize("treatment", ["mean", "blend", "local", "local_blend", "ignore"])
 @pytest.mark.parametrize("name", ["rope_vit", "rope_mixed", "dinov3_avg", "pe_map"])
 def test_batched_merging_equals_one_image_at_a_time(name, treatment):
     model = make_eva(name)
@@ -217,9 +218,10 @@ def test_treatments_change_only_merged_tokens():
     assert not torch.allclose(outs["mean"], outs["blend"]) and not torch.allclose(outs["mean"], outs["ignore"])
 
 
-def test_local_merges_neighbours_only():
+@pytest.mark.parametrize("treatment", ["local", "local_blend"])
+def test_local_merges_neighbours_only(treatment):
     model = make_eva("rope_vit")
-    tokenslim.patch(model, r=[12, 0, 0, 0], rope="local")
+    tokenslim.patch(model, r=[12, 0, 0, 0], rope=treatment)
     with torch.no_grad():
         trace = tokenslim.trace_merges(model, images(3))
     p = model.num_prefix_tokens

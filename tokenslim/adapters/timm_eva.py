@@ -33,7 +33,7 @@ from ..input_size import resolve_img_size
 from ..ops import unmerge
 from ..ops.attention import AttentionResult, head_mean, reducing_attention
 from ..ops.positions import grid_positions, token_positions
-from ..ops.rope import affine_angles, check_affine, reduced_rotary
+from ..ops.rope import affine_angles, check_affine, is_local, reduced_rotary, rotation_of
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
 from .timm_vit import MergeTrace, check_timm_version
@@ -157,7 +157,8 @@ class _RotaryState:
         self.treatment = model.tokenslim.rope_treatment
         self.height, self.width = grid_hw
         self.num_prefix_tokens = model.num_prefix_tokens
-        needs_grid = self.treatment in ("mean", "local") and table is not None
+        self.mean_angles = rotation_of(self.treatment) == "mean"
+        needs_grid = (self.mean_angles or is_local(self.treatment)) and table is not None
         self.grid = grid_positions(self.height, self.width, self.num_prefix_tokens, device) if needs_grid else None
         self._angles: dict = {}
         self._last: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
@@ -169,8 +170,8 @@ class _RotaryState:
         return self.table[i] if self.mixed else self.table
 
     def local_grid(self) -> Optional[torch.Tensor]:
-        """Original positions for merging restricted to neighbours (``rope="local"``), else ``None``."""
-        return self.grid if self.treatment == "local" else None
+        """Original positions for merging restricted to neighbours (``rope="local"``/``"local_blend"``), else ``None``."""
+        return self.grid if is_local(self.treatment) else None
 
     def reduced(self, i: int, source: Optional[torch.Tensor], num_tokens: int) -> Optional[torch.Tensor]:
         """The table for block ``i``'s current tokens."""
@@ -180,7 +181,7 @@ class _RotaryState:
         if not self.mixed and self._last[0] is source:
             return self._last[1]  # no reduction since the last block: the same tokens, the same table
         angles = positions = None
-        if self.grid is not None:
+        if self.mean_angles:
             key = i if self.mixed else 0
             if key not in self._angles:
                 self._angles[key] = affine_angles(table, self.height, self.width)
@@ -382,7 +383,7 @@ def patch(
     """Patch a timm ``Eva`` model (DINOv3, EVA-02, Perception Encoder, RoPE-ViT) in place.
 
     Takes the settings of :func:`tokenslim.adapters.timm_vit.patch`, plus ``rope``: how a merged
-    token gets its rotary position (``"mean"``, the default; ``"blend"``, ``"local"``, ``"ignore"``;
+    token gets its rotary position (``"mean"``, the default; ``"blend"``, ``"local"``, ``"local_blend"``, ``"ignore"``;
     see :mod:`tokenslim.ops.rope`). Rotary models only.
 
     Raises:
@@ -396,11 +397,11 @@ def patch(
         prop_attn=prop_attn, has_class_token=model.cls_token is not None, method=method,
         threshold=threshold, margin=margin, pools_patches=_pools_patches(model), rope=rope, has_rope=has_rope(model),
     )
-    if settings.rope_treatment == "local" and has_rope(model) and any(settings.r_schedule) \
+    if is_local(settings.rope_treatment) and has_rope(model) and any(settings.r_schedule) \
             and not settings.method_spec.local_merging:
-        raise ValueError(f"rope='local' restricts ToMe's matching to spatial neighbours, and method "
+        raise ValueError(f"rope={settings.rope_treatment!r} restricts ToMe's matching to spatial neighbours, and method "
                          f"{settings.method!r} does not use that matching; use method='tome' or 'mlerp'")
-    if has_rope(model) and settings.rope_treatment in ("mean", "local"):
+    if has_rope(model) and rotation_of(settings.rope_treatment) == "mean":
         _check_rope_table(model)
     model.tokenslim = settings
     model.__class__ = TokenSlimEva

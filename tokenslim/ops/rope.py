@@ -17,6 +17,7 @@ and so several rotations; the treatments (``rope=`` in :func:`tokenslim.patch`):
   angles disagree, are damped rather than pointed somewhere arbitrary.
 * ``"local"``: ``"mean"``, with merging restricted to spatial neighbours
   (:func:`tokenslim.ops.positions.neighbour_scores`), so a token's members stay close to its mean.
+* ``"local_blend"``: ``"blend"``, with merging restricted to spatial neighbours.
 
 Tokens of one patch always keep their exact row, so pruning is exact for the tokens it keeps.
 """
@@ -27,8 +28,20 @@ from typing import Optional, Tuple
 
 import torch
 
-ROPE_TREATMENTS = ("mean", "blend", "local", "ignore")
+ROPE_TREATMENTS = ("mean", "blend", "local", "local_blend", "ignore")
 DEFAULT_ROPE = "mean"
+
+
+def rotation_of(treatment: str) -> str:
+    """How a treatment rotates a merged token: ``"mean"`` (angle), ``"blend"`` (rotation) or ``"ignore"``."""
+    if treatment not in ROPE_TREATMENTS:
+        raise ValueError(f"rope must be one of {', '.join(ROPE_TREATMENTS)}, got {treatment!r}")
+    return {"local": "mean", "local_blend": "blend"}.get(treatment, treatment)
+
+
+def is_local(treatment: str) -> bool:
+    """Whether a treatment restricts merging to spatial neighbours."""
+    return treatment in ("local", "local_blend")
 
 
 def _wrap(angle: torch.Tensor) -> torch.Tensor:
@@ -131,8 +144,7 @@ def reduced_rotary(
         ``[B, *L, N - P, 2*D]``, or ``[B, 1, N - P, 2*D]`` for a table without leading dims (one
         broadcast over heads, as timm shapes tables after patch dropout).
     """
-    if treatment not in ROPE_TREATMENTS:
-        raise ValueError(f"rope must be one of {', '.join(ROPE_TREATMENTS)}, got {treatment!r}")
+    rotation = rotation_of(treatment)
     if source is None:
         return table
     p, n_patch = num_prefix_tokens, table.shape[-2]
@@ -143,12 +155,12 @@ def reduced_rotary(
     first = torch.full((batch, slots + 1), n_patch, device=source.device, dtype=torch.long)
     first = first.scatter_reduce(1, member, order, reduce="amin")[:, :slots]
     rows = _batched_rows(table, first.clamp(max=n_patch - 1))  # [B, *L, M, 2D]: one member's exact row
-    if treatment != "ignore":
+    if rotation != "ignore":
         count = torch.zeros(batch, slots + 1, device=source.device).scatter_add_(
             1, member, torch.ones(batch, n_patch, device=source.device))[:, :slots]
         lead = table.dim() - 2
         several = (count > 1).view(batch, *([1] * lead), slots, 1)
-        if treatment == "blend":
+        if rotation == "blend":
             expanded = table.unsqueeze(0).expand(batch, *table.shape).float()
             idx = member.view(batch, *([1] * lead), n_patch, 1).expand(batch, *table.shape[:-2], n_patch,
                                                                         table.shape[-1])
