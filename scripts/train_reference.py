@@ -132,7 +132,7 @@ def warm_start(model: torch.nn.Module, path: str, repeat: int = 1) -> None:
     model.load_state_dict(taken, strict=False)
     left_new = sorted(set(own) - set(taken))
     left_old = sorted(set(source) - set(taken))
-    print(f"warm start from {path}: {len(taken)} tensors copied; kept random: {left_new or 'none'}; "
+    print(f"warm start from {path}: {len(taken)} tensors copied; kept their initialisation: {left_new or 'none'}; "
           f"not used: {left_old or 'none'}", flush=True)
 
 

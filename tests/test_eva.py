@@ -357,3 +357,13 @@ def test_replaced_block_is_refused_by_name():
     model.blocks[2] = Block(64, 4)
     with pytest.raises(TypeError, match="block 2 is now a Block"):
         model(images(1))
+
+
+@pytest.mark.parametrize("method", ["mlerp", "pitome", "diffrate", "ppt", "atc"])
+def test_every_method_reduces_a_rotary_model(method):
+    model = make_eva("rope_vit")
+    tokenslim.patch(model, r=4, method=method, rope="blend")
+    x = images(3)
+    with torch.no_grad():
+        assert tokenslim.trace_merges(model, x).tokens.shape[1] == 65 - 16
+        torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(3)]), rtol=1e-4, atol=1e-4)

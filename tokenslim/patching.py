@@ -105,10 +105,10 @@ def patch(
             changes the weights and is done once: a model that already carries channel pruning is
             refused (use :func:`tokenslim.prune_channels` to prune further). Settings text takes
             the same keys (``"r=8,mlp_pruned=0.25"``).
-        rope: rotary-position models only: how a merged token gets its rotation, ``"mean"`` (the
-            default: the size-weighted mean of its patches' angles), ``"blend"`` (the mean of their
-            rotations), ``"local"`` (the mean, merging spatial neighbours only) or ``"ignore"`` (one
-            patch's rotation); see :mod:`tokenslim.ops.rope`.
+        rope: rotary-position models only: how a merged token gets its rotation, ``"blend"`` (the
+            default: the size-weighted mean of its patches' rotations), ``"mean"`` (of their angles),
+            ``"local"`` / ``"local_blend"`` (either, merging spatial neighbours only) or ``"ignore"``
+            (one patch's rotation); see :mod:`tokenslim.ops.rope`.
 
     Raises:
         TypeError: a model no adapter supports (nothing is changed).

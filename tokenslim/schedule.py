@@ -200,7 +200,7 @@ class ReductionSettings:
             (default) means on when merging is on and off for pruning alone, as in EViT.
         depth: number of blocks the schedule covers (fixed at patch time).
         rope: how merged tokens of a rotary-position model get their rotation (see
-            :mod:`tokenslim.ops.rope`); ``None``: the default (``"mean"``). Rotary models only.
+            :mod:`tokenslim.ops.rope`); ``None``: the default (``"blend"``). Rotary models only.
     """
 
     def __init__(

@@ -7,8 +7,8 @@ table must follow the tokens:
 
 * pruning keeps the rows of the kept tokens (exact for them, as timm's own patch dropout does);
 * a merged token gets a rotation by the treatment ``rope=`` (:mod:`tokenslim.ops.rope`): the mean
-  of its members' angles (default), the mean of their rotations, one member's (positions ignored),
-  or the mean with merging restricted to spatial neighbours.
+  of its members' rotations (default), the mean of their angles, one member's (positions ignored),
+  or either mean with merging restricted to spatial neighbours.
 
 The design follows :mod:`tokenslim.adapters.timm_vit`: the model's class is swapped for a subclass
 that overrides ``forward``, ``forward_features`` and ``forward_intermediates``; blocks run as timm's
@@ -383,7 +383,7 @@ def patch(
     """Patch a timm ``Eva`` model (DINOv3, EVA-02, Perception Encoder, RoPE-ViT) in place.
 
     Takes the settings of :func:`tokenslim.adapters.timm_vit.patch`, plus ``rope``: how a merged
-    token gets its rotary position (``"mean"``, the default; ``"blend"``, ``"local"``, ``"local_blend"``, ``"ignore"``;
+    token gets its rotary position (``"blend"``, the default; ``"mean"``, ``"local"``, ``"local_blend"``, ``"ignore"``;
     see :mod:`tokenslim.ops.rope`). Rotary models only.
 
     Raises:

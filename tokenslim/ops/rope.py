@@ -29,7 +29,10 @@ from typing import Optional, Tuple
 import torch
 
 ROPE_TREATMENTS = ("mean", "blend", "local", "local_blend", "ignore")
-DEFAULT_ROPE = "mean"
+DEFAULT_ROPE = "blend"
+"""The default: on the trained RoPE-ViT yardstick it keeps the most fidelity at every speed-up measured
+(docs/rotary.md): at ``r=(8,-1)`` it removes 45% of the KL to the unpatched model that ignoring
+positions leaves, and wins 1.6 points of top-1."""
 
 
 def rotation_of(treatment: str) -> str:
