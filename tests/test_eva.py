@@ -273,8 +273,10 @@ def test_settings_text_and_refusals():
         tokenslim.patch(model, r=4, rope="median")
     with pytest.raises(ValueError, match="use method='tome' or 'mlerp'"):
         tokenslim.patch(model, r=4, rope="local", method="pitome")
-    with pytest.raises(ValueError, match="not supported on timm Eva"):
-        tokenslim.patch(make_eva("rope_vit"), r=4, mlp_pruned=0.5)
+    with pytest.raises(ValueError, match="head pruning is not supported on timm Eva"):
+        tokenslim.patch(make_eva("rope_vit"), r=4, heads_pruned=0.5)
+    with pytest.raises(ValueError, match="norm over its hidden channels"):
+        tokenslim.patch(make_eva("separate_qkv"), r=4, mlp_pruned=0.5)  # EVA-02's SwiGLU with scale_mlp
     with pytest.raises(ValueError, match="patch_drop_rate"):
         tokenslim.patch(make_eva("rope_vit", patch_drop_rate=0.25), r=4)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, num_classes=10)
@@ -367,3 +369,26 @@ def test_every_method_reduces_a_rotary_model(method):
     with torch.no_grad():
         assert tokenslim.trace_merges(model, x).tokens.shape[1] == 65 - 16
         torch.testing.assert_close(model(x), torch.cat([model(x[i:i + 1]) for i in range(3)]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rope_vit", "dinov3_token", "pe_map"])
+def test_mlp_channel_pruning_materialises_exactly_and_reloads(tmp_path, name):
+    from tokenslim.adapters.timm_channels import materialize, prune_channels
+    from tokenslim.loading import load_checkpoint, save_checkpoint
+
+    model = make_eva(name)
+    x = images()
+    prune_channels(model, mlp_pruned=0.5)
+    with torch.no_grad():
+        masked = model(x)
+        materialize(model)
+        assert model.blocks[0].mlp.fc2.in_features < 256
+        torch.testing.assert_close(model(x), masked, rtol=1e-4, atol=1e-4)
+        tokenslim.patch(model, r=4)
+        merged = model(x)
+    arch, kwargs = VARIANTS[name]
+    tokenslim.unpatch(model)
+    save_checkpoint(model, str(tmp_path / "m.pth"), arch, {**SMALL, **kwargs}, {"input_size": (3, 32, 32)})
+    loaded = tokenslim.patch(load_checkpoint(str(tmp_path / "m.pth")).eval(), r=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), merged, rtol=1e-4, atol=1e-4)

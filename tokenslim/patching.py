@@ -120,9 +120,6 @@ def patch(
         raise ValueError("rope= sets how merged tokens get their rotary positions, and this model has no rotary "
                          "position embedding; leave rope unset")
     if heads_pruned or mlp_pruned:
-        if _is_eva(model):
-            raise ValueError("channel pruning (heads_pruned / mlp_pruned) is not supported on timm Eva models "
-                             "(DINOv3, EVA-02, PE, RoPE-ViT) yet: use token reduction alone (r=..., keep_rate=...)")
         from .adapters.timm_channels import apply_channel_setting, has_masks
 
         if getattr(model, "tokenslim_channels", None) is not None or has_masks(model):

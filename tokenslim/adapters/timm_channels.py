@@ -30,8 +30,16 @@ from .timm_vit import _check_supported as _check_timm_vit
 
 
 def _check_supported(model: nn.Module) -> None:
-    """Channel pruning rewrites timm's fused ``qkv`` and MLP layers: refuse other frameworks clearly."""
+    """Channel pruning rewrites timm's fused ``qkv`` and MLP layers: refuse other frameworks clearly.
+
+    timm's rotary ``Eva`` family takes MLP channel pruning (its MLPs are timm's ``Mlp``, ``GluMlp``
+    and ``SwiGLU``); its heads are refused by :func:`_check_block`."""
     adapter = adapter_for(model).__name__.rsplit(".", 1)[-1]
+    if adapter == "timm_eva":
+        from .timm_eva import _check_supported as _check_eva
+
+        _check_eva(model)
+        return
     if adapter != "timm_vit":
         framework = {"hf_vit": "a Hugging Face transformers", "open_clip_vit": "an open_clip"}.get(adapter, adapter)
         raise TypeError(
@@ -89,8 +97,26 @@ def _fc1_rows(mlp: nn.Module) -> List[nn.Linear]:
     return [mlp.fc1_g, mlp.fc1_x] if isinstance(mlp, SwiGLU) else [mlp.fc1]
 
 
+def _is_eva_block(block: nn.Module) -> bool:
+    return type(block).__module__ == "timm.models.eva"
+
+
+def mlp_prunable(model: nn.Module) -> bool:
+    """Whether every block's MLP can lose hidden channels (``mlp_pruned``) exactly."""
+    try:
+        _check_supported(model)
+        for i, block in enumerate(model.blocks):
+            _check_block(i, block, False, True)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _check_block(i: int, block: nn.Module, heads: bool, mlp: bool) -> None:
     attn = block.attn
+    if heads and _is_eva_block(block):
+        raise ValueError(f"block {i}: head pruning is not supported on timm Eva models (rotary attention with "
+                         "q/v biases or grouped keys); prune MLP channels only (heads_pruned=0)")
     if heads and not isinstance(attn.norm, nn.Identity):
         raise ValueError(
             f"block {i}: the attention has a norm over its output (scale_norm); it normalises over all heads, so "
@@ -129,8 +155,11 @@ def _per_block(ratio: Ratio, depth: int, name: str) -> List[float]:
 def _weight_groups(block: nn.Module) -> Tuple[List[Tuple[torch.Tensor, int, str]], List[Tuple[torch.Tensor, int, str]]]:
     """(tensor, dim, layout) triples whose slices along ``dim`` belong to each head / hidden channel."""
     attn, mlp = block.attn, block.mlp
-    heads = [(attn.qkv.weight, 0, "qkv"), (attn.proj.weight, 1, "heads")]
-    if attn.gate is not None:
+    if _is_eva_block(block):
+        heads = []  # not pruned there (see _check_block), and q/k/v may be separate layers
+    else:
+        heads = [(attn.qkv.weight, 0, "qkv"), (attn.proj.weight, 1, "heads")]
+    if attn.gate is not None and heads:
         heads.append((attn.gate.weight, 0, "heads"))
     channels = [(fc.weight, 0, "glu" if isinstance(mlp, GluMlp) else "plain") for fc in _fc1_rows(mlp)]
     channels.append((mlp.fc2.weight, 1, "plain"))
@@ -151,8 +180,11 @@ def _group_sum(t: torch.Tensor, dim: int, layout: str, groups: int) -> torch.Ten
 
 def _magnitude_scores(block: nn.Module, p: int) -> Tuple[torch.Tensor, torch.Tensor]:
     head_groups, channel_groups = _weight_groups(block)
+    if _is_eva_block(block):
+        head_groups = []  # heads are not pruned there (see _check_block): no scores
     h, c = block.attn.num_heads, _hidden(block.mlp)
-    heads = sum(_group_sum(w.detach().abs().pow(p), d, lay, h) for w, d, lay in head_groups)
+    heads = sum((_group_sum(w.detach().abs().pow(p), d, lay, h) for w, d, lay in head_groups),
+                torch.zeros(h, device=block.attn.proj.weight.device))
     channels = sum(_group_sum(w.detach().abs().pow(p), d, lay, c) for w, d, lay in channel_groups)
     return heads, channels
 
@@ -229,7 +261,8 @@ def _taylor_scores(model: nn.Module, data: Iterable, num_batches: int) -> List[T
             for s, block in zip(scores, model.blocks):
                 head_groups, channel_groups = _weight_groups(block)
                 h, c = block.attn.num_heads, _hidden(block.mlp)
-                s[0] += sum(_group_sum((w * w.grad).detach().abs(), d, lay, h) for w, d, lay in head_groups).cpu()
+                s[0] += sum((_group_sum((w * w.grad).detach().abs(), d, lay, h) for w, d, lay in head_groups),
+                            torch.zeros(h, device=device)).cpu()
                 s[1] += sum(_group_sum((w * w.grad).detach().abs(), d, lay, c) for w, d, lay in channel_groups).cpu()
             seen += 1
     finally:

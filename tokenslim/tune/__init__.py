@@ -128,16 +128,16 @@ def tune(
     if budget_min <= 0:
         raise ValueError(f"budget_min must be > 0, got {budget_min}")
     search = tuple(search)
-    from ..patching import _is_eva
+    from ..adapters.timm_channels import mlp_prunable
 
-    if _is_eva(model) and "mlp" in search:
-        # Channel pruning does not cover the Eva family yet: search what does apply.
+    if "mlp" in search and not mlp_prunable(model):
+        # e.g. an MLP with a norm over its hidden channels (EVA-02's SwiGLU): search what does apply.
         search = tuple(s for s in search if s != "mlp")
         if not search:
-            raise ValueError("search='mlp' alone: MLP channel pruning is not supported on timm Eva models; "
-                             "search merge and/or prune")
+            raise ValueError("search='mlp' alone: this model's MLPs cannot lose channels exactly (see "
+                             "tokenslim.prune_channels for the reason); search merge and/or prune")
         if progress is not None:
-            progress("MLP channel pruning is not supported on timm Eva models: searching " + ", ".join(search))
+            progress("this model's MLPs cannot lose channels exactly: searching " + ", ".join(search))
     if not 0 <= margin < 1:
         raise ValueError(f"margin must lie in [0, 1), got {margin}")
     aim = speedup * (1 + margin) if speedup is not None else None
