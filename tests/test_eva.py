@@ -308,6 +308,9 @@ def test_onnx_export_equals_eager(tmp_path, text):
     model = tokenslim.apply(make_eva("rope_vit"), text)
     result = export(model, images(2), str(tmp_path / "m.onnx"), check_batches=(1, 3))
     assert max(result.max_abs_diff.values()) <= 1e-4
+    from tokenslim.export import read_metadata
+
+    assert ("rope=" in read_metadata(str(tmp_path / "m.onnx"))["settings"]) == ("rope=" in text)
     x = images(3, seed=9)
     with torch.no_grad():
         want = model(x)

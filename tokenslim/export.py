@@ -99,6 +99,8 @@ def _settings_text(reduction) -> str:
         keep["threshold"] = d["threshold"]
     if d["margin"] is not None:
         keep["margin"] = d["margin"]
+    if d.get("rope") is not None:
+        keep["rope"] = d["rope"]
     from .spec import format_setting
 
     return format_setting({k: (tuple(v) if isinstance(v, list) and k == "r" else v) for k, v in keep.items()})
