@@ -154,25 +154,27 @@ def reduced_rotary(
     batch, slots = source.shape[0], num_tokens - p
     member = source[:, p:] - p  # [B, Np]: current patch slot of each original patch, < 0 if dropped
     member = torch.where(member < 0, slots, member)  # dropped patches go to an extra slot, cut off
+    lead = table.dim() - 2
+    if rotation == "blend":
+        # The mean over one patch is that patch's row exactly (a sum of one term, divided by 1): no
+        # separate gather of single rows is needed.
+        count = torch.zeros(batch, slots + 1, device=source.device).scatter_add_(
+            1, member, torch.ones(batch, n_patch, device=source.device))[:, :slots]
+        expanded = table.unsqueeze(0).expand(batch, *table.shape).float()
+        idx = member.view(batch, *([1] * lead), n_patch, 1).expand(batch, *table.shape[:-2], n_patch, table.shape[-1])
+        summed = expanded.new_zeros(batch, *table.shape[:-2], slots + 1, table.shape[-1]).scatter_add_(
+            -2, idx, expanded)[..., :slots, :]
+        rows = (summed / count.clamp_min(1).view(batch, *([1] * lead), slots, 1)).to(table.dtype)
+        return rows.unsqueeze(1) if table.dim() == 2 else rows
     order = torch.arange(n_patch, device=source.device).expand(batch, n_patch)
     first = torch.full((batch, slots + 1), n_patch, device=source.device, dtype=torch.long)
     first = first.scatter_reduce(1, member, order, reduce="amin")[:, :slots]
     rows = _batched_rows(table, first.clamp(max=n_patch - 1))  # [B, *L, M, 2D]: one member's exact row
-    if rotation != "ignore":
+    if rotation == "mean":
+        if angles is None or positions is None:
+            raise ValueError(f"rope={treatment!r} needs the table's affine angles and the token positions")
         count = torch.zeros(batch, slots + 1, device=source.device).scatter_add_(
             1, member, torch.ones(batch, n_patch, device=source.device))[:, :slots]
-        lead = table.dim() - 2
         several = (count > 1).view(batch, *([1] * lead), slots, 1)
-        if rotation == "blend":
-            expanded = table.unsqueeze(0).expand(batch, *table.shape).float()
-            idx = member.view(batch, *([1] * lead), n_patch, 1).expand(batch, *table.shape[:-2], n_patch,
-                                                                        table.shape[-1])
-            summed = expanded.new_zeros(batch, *table.shape[:-2], slots + 1, table.shape[-1]).scatter_add_(
-                -2, idx, expanded)[..., :slots, :]
-            mixed = (summed / count.clamp_min(1).view(batch, *([1] * lead), slots, 1)).to(table.dtype)
-        else:
-            if angles is None or positions is None:
-                raise ValueError(f"rope={treatment!r} needs the table's affine angles and the token positions")
-            mixed = rotary_at(angles, positions[:, p:, :2], table.dtype)
-        rows = torch.where(several, mixed, rows)
+        rows = torch.where(several, rotary_at(angles, positions[:, p:, :2], table.dtype), rows)
     return rows.unsqueeze(1) if table.dim() == 2 else rows
