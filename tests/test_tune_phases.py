@@ -7,6 +7,8 @@ import torch
 import tokenslim.tune.search as tune_search
 from conftest import make_model
 from test_tune import _data, _fake_device
+from tokenslim.measure.macs import count_macs
+from tokenslim.spec import apply_setting, parse_setting
 from tokenslim.tune.record import Journal
 from tokenslim.tune.space import Point, moves, plain, shift
 
@@ -71,7 +73,16 @@ def test_challenge_phase_replaces_the_point_only_with_a_better_plain_schedule(mo
     first = s.assess(start.text("tome"), "tome", "test")
     point, cand = s.challenge("tome", "", start, first)
     tried = {c.setting for c in s.candidates if c.phase == "challenge"}
-    assert any(t.startswith("r=[1,1,") for t in tried) and any(t.startswith("r=[2,1,") for t in tried)  # both
+    # Exactly the weakest member of each family at this compute is evaluated, found by counting MACs.
+    expected = set()
+    for family in ("constant", "ramp"):
+        for k in range(1, 65):
+            text = plain(family, k, 6, (0,) * 6, 0.0).text("tome")
+            if count_macs(apply_setting(make_model("vit", depth=6), parse_setting(text))).gmacs <= \
+                    first.gmacs * tune_search.SIMILAR_MACS:
+                expected.add(text)
+                break
+    assert tried == expected and len(expected) == 2
     assert cand is first and point == start  # no plain schedule at this compute has a lower KL here
     s2 = _search(_planted())
     bad = Point((12, 12, 0, 0, 0, 0), (0,) * 6)
@@ -164,3 +175,64 @@ def test_an_unreachable_target_is_a_clear_miss(monkeypatch):
     result = tune_module.tune(make_model("vit", depth=4), _data(), speedup=3.0, methods=["tome"], step=4,
                               search=("merge",), budget_min=10)
     assert result.reached is False and result.best.throughput_ratio < 3.0
+
+
+def _screened(s, screen=8, promote=3):
+    """The same search with screening on ``screen`` of its 16 images (the deep-model mode)."""
+    from torch.utils.data import Subset
+
+    s2 = tune_search.Search.__new__(tune_search.Search)
+    s2.__dict__.update(s.__dict__)
+    s2.screen, s2.promote = screen, promote
+    s2.screen_data, s2.screen_logits = Subset(s.data, list(range(screen))), s.ref_logits[:screen]
+    return s2
+
+
+def test_screened_walk_steps_coarsely_far_from_the_goal_and_finely_near_it(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    s = _screened(_search(_planted(), step=2))
+    base = s.base_gmacs
+    assert s.coarse(3.0, base * 0.6) and not s.coarse(3.0, base * 0.5) and not s.coarse(None, base)
+    point, cand = s.greedy("tome", "", Point.origin(6), 1.02, None)  # one step, from far away
+    assert sum(point.r) == 4  # twice the merge step
+    assert not s.coarse(cand.mac_ratio * 1.001, cand.gmacs)
+    point2, _ = s.greedy("tome", "", point, cand.mac_ratio * 1.001, cand)  # near the goal: one fine step
+    assert sum(point2.r) - sum(point.r) == 2
+
+
+def test_screened_walk_repeats_a_free_step_without_screening_again(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    model = make_model("vit", depth=6)
+    with torch.no_grad():  # the last block now changes nothing: reduction there is exactly free
+        model.head.weight.mul_(30.0)
+        for p in model.blocks[-1].parameters():
+            p.zero_()
+    s = _screened(_search(model, step=2, search=("merge", "prune"), prune_ok=True))
+    rounds, lines = [], []
+    real = tune_search.Search.screen_options
+    monkeypatch.setattr(tune_search.Search, "screen_options", lambda self, *a: rounds.append(1) or real(self, *a))
+    s.say = lines.append
+    s.greedy("tome", "", Point.origin(6), 1.25, None)
+    steps = [line for line in lines if line.startswith("tome: r=")]
+    again = [line for line in steps if line.endswith("(free again)")]
+    assert again and len(rounds) == len(steps) - len(again)  # a repeated free step screens nothing
+    for line in again:
+        assert "KL 0.0000" in line
+
+
+def test_screened_refine_takes_only_a_better_move_at_equal_compute(monkeypatch):
+    _fake_device(monkeypatch, efficiency=1.0)
+    s = _screened(_search(_planted()))
+    start = Point((4, 4, 4, 0, 0, 0), (0,) * 6)  # merges where they cost most
+    first = s.assess(start.text("tome"), "tome", "test")
+    point, cand = s.refine("tome", "", start, first)
+    full = [c for c in s.candidates if c.phase == "refine"]
+    assert full and cand.kl < first.kl and cand.gmacs <= first.gmacs * tune_search.SIMILAR_MACS
+    assert point != start
+    # Each round promotes at most `promote` moves to the whole calibration set, and only moves
+    # between blocks at most two apart are tried.
+    screened = [k for k in s.journal.evals if k.endswith("@screen8")]
+    assert len(full) <= s.promote * (len(screened))
+    for c in full:
+        r = [int(x) for x in c.setting[3:c.setting.index("]")].split(",")]
+        assert sum(r) == sum(start.r)

@@ -107,6 +107,15 @@ class Search:
             self._macs_by_plan[key] = count_macs(candidate_model, img_size=img_size).gmacs
         return self._macs_by_plan[key]
 
+    def gmacs_of(self, text: str, method: str) -> float:
+        """GMACs per image of settings ``text`` (counted, not evaluated; from the journal when the
+        setting was evaluated)."""
+        if text in self.journal.evals:
+            return self.journal.evals[text]["gmacs"]
+        setting = parse_setting(text)
+        return self._gmacs(apply_setting(copy.deepcopy(self.model), setting), method,
+                           float(setting.get("mlp_pruned", 0.0)))
+
     def assess(self, text: str, method: str, phase: str) -> Candidate:
         """The candidate for settings ``text``: fidelity on the calibration images (from the
         journal when it is there), with its timing if it was ever timed."""
@@ -158,15 +167,30 @@ class Search:
         and the walk stops evaluating once the best fresh score beats every remaining bound.
         """
         stale = self.stale.setdefault(method, {})
+        free_key = None  # a screened walk's last step, when it cost nothing
         while not self.out_of_time():
             if mac_goal is not None and current is not None and current.mac_ratio >= mac_goal:
                 return point, current
             best, best_point, best_score = None, None, None
             base_cost = current.kl if current is not None else 0.0
             base_macs = current.gmacs if current is not None else self.base_gmacs
-            options = sorted(moves(point, self.search, self.prune_ok, self.merge_step),
+            merge_step = self.merge_step
+            if self.screen and self.coarse(mac_goal, base_macs):
+                merge_step *= 2
+            options = sorted(moves(point, self.search, self.prune_ok, merge_step),
                              key=lambda kt: stale.get(kt[0], (-math.inf, 0.0)))
             screened = self.screen and len(options) > self.promote
+            if screened and free_key is not None:
+                # A free step is usually free again (pruning the last block further, merging just
+                # before it): try it alone before screening every option.
+                repeat = dict(options).get(free_key)
+                cand = self.assess(repeat.text(method, extra), method, "greedy") if repeat is not None else None
+                if cand is not None and base_macs - cand.gmacs > 1e-9 and cand.kl - base_cost <= FREE_KL:
+                    point, current = repeat, cand
+                    self.say(f"{method}: {cand.setting}  MAC x{cand.mac_ratio:.2f}  KL {cand.kl:.4f}  "
+                             f"agree {cand.agreement:.2f}% (free again)")
+                    continue
+                free_key = None
             if screened:
                 options = self.screen_options(method, extra, options, current)
             for key, trial in options:
@@ -187,10 +211,21 @@ class Search:
                 return point, current  # nothing more can be removed
             if self.max_drop is not None and best.drop > self.max_drop:
                 return point, current
+            if screened and best_score[0] == 0.0:
+                free_key = next(k for k, t in options if t == best_point)
             point, current = best_point, best
             self.say(f"{method}: {best.setting}  MAC x{best.mac_ratio:.2f}  KL {best.kl:.4f}  "
                      f"agree {best.agreement:.2f}%")
         return point, current
+
+    def coarse(self, mac_goal: Optional[float], gmacs: float) -> bool:
+        """Whether a walk at ``gmacs`` is still far from ``mac_goal``: more than a third of the
+        compute to remove is left. Far from it, a screened (deep-model) walk merges twice as many
+        tokens per step; near it, the steps are fine again."""
+        if mac_goal is None:
+            return False
+        goal = self.base_gmacs / mac_goal
+        return gmacs - goal > (self.base_gmacs - goal) / 3
 
     def assess_screen(self, text: str, method: str) -> Dict[str, float]:
         """KL and GMACs of ``text`` on the screening subset only (journalled like a full one)."""
@@ -232,7 +267,7 @@ class Search:
         best = None
         for family in PLAIN_FAMILIES:
             found = self.weakest_plain(method, extra, family, (0,) * self.depth, 0.0, "incumbent",
-                                       lambda c: c.mac_ratio >= self.aim * 0.97)
+                                       lambda g: self.base_gmacs / g >= self.aim * 0.97)
             if found is None:
                 continue
             reached = self._weakest_timed(method, extra, family, (0,) * self.depth, 0.0, found[0], math.inf,
@@ -246,6 +281,8 @@ class Search:
 
     def refine(self, method: str, extra: str, point: Point, current: Candidate) -> Tuple[Point, Candidate]:
         """Move ``merge_step`` merges between blocks at equal compute while the KL improves."""
+        if self.screen:
+            return self.refine_screened(method, extra, point, current)
         improved = True
         while improved and not self.out_of_time() and "merge" in self.search:
             improved = False
@@ -260,25 +297,60 @@ class Search:
                         self.say(f"{method}: refined to {cand.setting}  KL {cand.kl:.4f}")
         return point, current
 
+    def refine_screened(self, method: str, extra: str, point: Point, current: Candidate,
+                        reach: int = 2) -> Tuple[Point, Candidate]:
+        """Refine on a deep model: every move between blocks at most ``reach`` apart scored on the
+        screening subset, the best :attr:`promote` evaluated on all images, the best of those taken
+        if it lowers the KL; repeated while it does. (All ``depth**2`` moves at full price cost a
+        12-block search most of its budget.)"""
+        while "merge" in self.search and not self.out_of_time():
+            base_kl = self.assess_screen(current.setting, method)["kl"]
+            scored = []
+            for i in range(self.depth):
+                for j in range(max(0, i - reach), min(self.depth, i + reach + 1)):
+                    trial = shift(point, i, j, self.merge_step)
+                    if trial is None or self.out_of_time():
+                        continue
+                    row = self.assess_screen(trial.text(method, extra), method)
+                    if row["gmacs"] <= current.gmacs * SIMILAR_MACS and row["kl"] < base_kl - 1e-6:
+                        scored.append((row["kl"], len(scored), trial))
+            best_point, best = point, current
+            for _, _, trial in sorted(scored, key=lambda s: s[:2])[:self.promote]:
+                if self.out_of_time():
+                    break
+                cand = self.assess(trial.text(method, extra), method, "refine")
+                if cand.gmacs <= current.gmacs * SIMILAR_MACS and cand.kl < best.kl - 1e-6:
+                    best_point, best = trial, cand
+            if best is current:
+                break
+            point, current = best_point, best
+            self.say(f"{method}: refined to {current.setting}  KL {current.kl:.4f}")
+        return point, current
+
     def plain(self, method: str, extra: str, family: str, k: int, keep: Tuple[int, ...], mlp: float,
               phase: str) -> Tuple[Point, Candidate]:
         trial = plain(family, k, self.depth, keep, mlp)
         return trial, self.assess(trial.text(method, extra), method, phase)
 
     def weakest_plain(self, method: str, extra: str, family: str, keep: Tuple[int, ...], mlp: float, phase: str,
-                      enough: Callable[[Candidate], bool]) -> Optional[Tuple[int, Point, Candidate]]:
-        """The weakest member of a family that is ``enough``, walking up in strength; ``None`` when
-        time runs out or the family saturates first (every block at its limit)."""
+                      enough: Callable[[float], bool]) -> Optional[Tuple[int, Point, Candidate]]:
+        """The weakest member of a family whose GMACs are ``enough``, walking up in strength; ``None``
+        when time runs out or the family saturates first (every block at its limit).
+
+        Compute needs no evaluation: the walk counts MACs and only the member found is evaluated
+        on the calibration images. (Evaluating every member
+        on the way cost a 12-block search a quarter of its budget.)"""
         previous = math.inf
         for k in range(1, 65):
             if self.out_of_time():
                 return None
-            trial, cand = self.plain(method, extra, family, k, keep, mlp, phase)
-            if enough(cand):
-                return k, trial, cand
-            if cand.gmacs >= previous * (1 - 1e-9):
+            trial = plain(family, k, self.depth, keep, mlp)
+            gmacs = self.gmacs_of(trial.text(method, extra), method)
+            if enough(gmacs):
+                return k, trial, self.assess(trial.text(method, extra), method, phase)
+            if gmacs >= previous * (1 - 1e-9):
                 return None
-            previous = cand.gmacs
+            previous = gmacs
         return None
 
     def challenge(self, method: str, extra: str, point: Point, current: Candidate) -> Tuple[Point, Candidate]:
@@ -291,7 +363,7 @@ class Search:
         best_point, best = point, current
         for family in PLAIN_FAMILIES:
             found = self.weakest_plain(method, extra, family, point.keep, point.mlp, "challenge",
-                                       lambda c: c.gmacs <= current.gmacs * SIMILAR_MACS)
+                                       lambda g: g <= current.gmacs * SIMILAR_MACS)
             if found is not None and found[2].kl < best.kl:
                 _, best_point, best = found
                 self.say(f"{method}: plain schedule {best.setting} beats the search: KL {best.kl:.4f}")
@@ -312,7 +384,7 @@ class Search:
             for keep in [point.keep] + ([(0,) * self.depth] if any(point.keep) else []):
                 # The weakest member predicted (by the point's efficiency) to reach the aim ...
                 found = self.weakest_plain(method, extra, family, keep, point.mlp, "contest",
-                                           lambda c: c.mac_ratio * efficiency >= self.aim * 0.97)
+                                           lambda g: self.base_gmacs / g * efficiency >= self.aim * 0.97)
                 if found is None:
                     continue
                 reached = self._weakest_timed(method, extra, family, keep, point.mlp, found[0], best.kl)
