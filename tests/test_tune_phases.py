@@ -200,7 +200,7 @@ def test_screened_walk_steps_coarsely_far_from_the_goal_and_finely_near_it(monke
     assert sum(point2.r) - sum(point.r) == 2
 
 
-def test_screened_walk_repeats_a_free_step_without_screening_again(monkeypatch):
+def test_screened_walk_repeats_the_best_step_without_screening_again(monkeypatch):
     _fake_device(monkeypatch, efficiency=1.0)
     model = make_model("vit", depth=6)
     with torch.no_grad():  # the last block now changes nothing: reduction there is exactly free
@@ -209,12 +209,12 @@ def test_screened_walk_repeats_a_free_step_without_screening_again(monkeypatch):
             p.zero_()
     s = _screened(_search(model, step=2, search=("merge", "prune"), prune_ok=True))
     rounds, lines = [], []
-    real = tune_search.Search.screen_options
-    monkeypatch.setattr(tune_search.Search, "screen_options", lambda self, *a: rounds.append(1) or real(self, *a))
+    real = tune_search.Search._screen_ranked
+    monkeypatch.setattr(tune_search.Search, "_screen_ranked", lambda self, *a: rounds.append(1) or real(self, *a))
     s.say = lines.append
     s.greedy("tome", "", Point.origin(6), 1.25, None)
     steps = [line for line in lines if line.startswith("tome: r=")]
-    again = [line for line in steps if line.endswith("(free again)")]
+    again = [line for line in steps if line.endswith("(the same step, still the best)")]
     assert again and len(rounds) == len(steps) - len(again)  # a repeated free step screens nothing
     for line in again:
         assert "KL 0.0000" in line

@@ -167,7 +167,7 @@ class Search:
         and the walk stops evaluating once the best fresh score beats every remaining bound.
         """
         stale = self.stale.setdefault(method, {})
-        free_key = None  # a screened walk's last step, when it cost nothing
+        lead: Optional[Tuple[Tuple[Any, ...], float]] = None  # screened: last step's key, runner-up's score
         while not self.out_of_time():
             if mac_goal is not None and current is not None and current.mac_ratio >= mac_goal:
                 return point, current
@@ -180,19 +180,25 @@ class Search:
             options = sorted(moves(point, self.search, self.prune_ok, merge_step),
                              key=lambda kt: stale.get(kt[0], (-math.inf, 0.0)))
             screened = self.screen and len(options) > self.promote
-            if screened and free_key is not None:
-                # A free step is usually free again (pruning the last block further, merging just
-                # before it): try it alone before screening every option.
-                repeat = dict(options).get(free_key)
-                cand = self.assess(repeat.text(method, extra), method, "greedy") if repeat is not None else None
-                if cand is not None and base_macs - cand.gmacs > 1e-9 and cand.kl - base_cost <= FREE_KL:
-                    point, current = repeat, cand
-                    self.say(f"{method}: {cand.setting}  MAC x{cand.mac_ratio:.2f}  KL {cand.kl:.4f}  "
-                             f"agree {cand.agreement:.2f}% (free again)")
-                    continue
-                free_key = None
+            if screened and lead is not None:
+                # Lazy greedy on the subset: an option's cost per MAC only grows as more is removed,
+                # so the runner-up's score of the last round bounds every other option's. The step
+                # just taken, taken again, that still scores within the bound is the best step:
+                # one screened and one full evaluation instead of a whole round.
+                repeat = dict(options).get(lead[0])
+                if repeat is not None:
+                    score = self._screen_score(repeat.text(method, extra), method, current, base_macs)
+                    if score[0] < math.inf and score[0] <= lead[1]:
+                        cand = self.assess(repeat.text(method, extra), method, "greedy")
+                        if cand.gmacs < base_macs - 1e-9:
+                            point, current = repeat, cand
+                            self.say(f"{method}: {cand.setting}  MAC x{cand.mac_ratio:.2f}  KL {cand.kl:.4f}  "
+                                     f"agree {cand.agreement:.2f}% (the same step, still the best)")
+                            continue
+                lead = None
             if screened:
-                options = self.screen_options(method, extra, options, current)
+                ranked = self._screen_ranked(method, extra, options, current)
+                options = [(key, trial) for _, key, trial in ranked[:self.promote]]
             for key, trial in options:
                 if not screened and best_score is not None and key in stale and stale[key] >= best_score:
                     break  # every remaining option is bounded below by a worse score
@@ -211,8 +217,9 @@ class Search:
                 return point, current  # nothing more can be removed
             if self.max_drop is not None and best.drop > self.max_drop:
                 return point, current
-            if screened and best_score[0] == 0.0:
-                free_key = next(k for k, t in options if t == best_point)
+            if screened:
+                chosen = next(k for k, t in options if t == best_point)
+                lead = (chosen, next((sc[0] for sc, k, _ in ranked if k != chosen), math.inf))
             point, current = best_point, best
             self.say(f"{method}: {best.setting}  MAC x{best.mac_ratio:.2f}  KL {best.kl:.4f}  "
                      f"agree {best.agreement:.2f}%")
@@ -239,23 +246,35 @@ class Search:
         row = self.journal.evals[key]
         return {"gmacs": row["gmacs"], "kl": row["kl"]}
 
-    def screen_options(self, method: str, extra: str, options: List[Tuple[Tuple[Any, ...], Point]],
-                       current: Optional[Candidate]) -> List[Tuple[Tuple[Any, ...], Point]]:
-        """Successive halving in one round: every option scored on the screening subset (its cost
-        per MAC saved there), the best ``promote`` kept for the full calibration set."""
+    def _screen_score(self, text: str, method: str, current: Optional[Candidate],
+                      base_macs: float) -> Tuple[float, float]:
+        """Cost per MAC saved of ``text`` over ``current`` on the screening subset (infinite when
+        it saves nothing; zero when it costs nothing, the larger saving first)."""
         base_kl = self.assess_screen(current.setting, method)["kl"] if current is not None else 0.0
+        row = self.assess_screen(text, method)
+        saved = base_macs - row["gmacs"]
+        cost = row["kl"] - base_kl
+        if saved <= 1e-9:
+            return math.inf, -saved
+        return (max(cost, 0.0) / saved if cost > FREE_KL else 0.0), -saved
+
+    def _screen_ranked(self, method: str, extra: str, options: List[Tuple[Tuple[Any, ...], Point]],
+                       current: Optional[Candidate]) -> List[Tuple[Tuple[float, float], Tuple[Any, ...], Point]]:
         base_macs = current.gmacs if current is not None else self.base_gmacs
         scored = []
         for order, (key, trial) in enumerate(options):
             if self.out_of_time():
                 break
-            row = self.assess_screen(trial.text(method, extra), method)
-            saved = base_macs - row["gmacs"]
-            cost = row["kl"] - base_kl
-            score = (math.inf if saved <= 1e-9 else (max(cost, 0.0) / saved if cost > FREE_KL else 0.0), -saved)
-            scored.append((score, order, key, trial))
+            scored.append((self._screen_score(trial.text(method, extra), method, current, base_macs), order, key,
+                           trial))
         scored.sort(key=lambda s: (s[0], s[1]))
-        return [(key, trial) for score, _, key, trial in scored[:self.promote] if score[0] < math.inf]
+        return [(score, key, trial) for score, _, key, trial in scored if score[0] < math.inf]
+
+    def screen_options(self, method: str, extra: str, options: List[Tuple[Tuple[Any, ...], Point]],
+                       current: Optional[Candidate]) -> List[Tuple[Tuple[Any, ...], Point]]:
+        """Successive halving in one round: every option scored on the screening subset (its cost
+        per MAC saved there), the best ``promote`` kept for the full calibration set."""
+        return [(key, trial) for _, key, trial in self._screen_ranked(method, extra, options, current)[:self.promote]]
 
     def incumbent(self, method: str, extra: str) -> Optional[Candidate]:
         """What plain ToMe gives at the aim: the weakest constant ``r`` and the weakest ramp
