@@ -236,3 +236,17 @@ def test_screened_refine_takes_only_a_better_move_at_equal_compute(monkeypatch):
     for c in full:
         r = [int(x) for x in c.setting[3:c.setting.index("]")].split(",")]
         assert sum(r) == sum(start.r)
+
+
+def test_a_deep_walk_starts_from_the_incumbent_scaled_down(monkeypatch):
+    _fake_device(monkeypatch, efficiency=0.8)
+    s = _screened(_search(make_model("vit", depth=6), speedup=1.3, search=("merge", "prune"), prune_ok=True,
+                          step=2))
+    held = s.incumbent("tome", "")
+    point, cand, goal = s.warm_start("tome", "", held)
+    assert point.r == tuple(int(round(x * tune_search.WARM_SHARE)) for x in s.incumbent_point.r)
+    assert cand.phase == "warm start" and cand.mac_ratio < held.mac_ratio
+    assert goal == s.aim / (held.throughput_ratio / held.mac_ratio)
+    best = s.reach_speed("tome", "", held)
+    assert best.throughput_ratio >= s.aim
+    assert [c.phase for c in s.candidates].index("warm start") < [c.phase for c in s.candidates].index("greedy")

@@ -179,13 +179,15 @@ def tune(
     if screen:
         say(f"screening: every greedy option on {screen} images first, the best {searcher.promote} on all {len(data)}")
     finals: List[Candidate] = []
+    held = None
     if speedup is not None and incumbent:
         held = searcher.incumbent("tome", "")  # plain ToMe, whatever methods are searched
         if held is not None:
             finals.append(held)
     for method in methods:
         extra = method_options.get(method, "")
-        current = searcher.reach_speed(method, extra) if speedup is not None else searcher.within_drop(method, extra)
+        current = searcher.reach_speed(method, extra, held) if speedup is not None else \
+            searcher.within_drop(method, extra)
         if current is not None:
             finals.append(current)
     if not finals:
