@@ -41,6 +41,22 @@ def test_eval_command(tiny_checkpoint_and_data, tmp_path, capsys):
     assert "agree" in capsys.readouterr().out
 
 
+def test_eval_reuses_the_reference_logits_with_the_same_numbers(tiny_checkpoint_and_data, tmp_path):
+    ckpt, labels = tiny_checkpoint_and_data
+    common = ["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--workers", "0", "--eval-batch-size", "4",
+              "--quiet"]
+    one_pass = tmp_path / "one.jsonl"  # 'none' evaluated here: its logits are reused for r=4
+    main(common + ["--settings", "r=4", "keep_rate=0.5,prune_layers=(1,)", "--jsonl", str(one_pass)])
+    two_pass = tmp_path / "two.jsonl"  # 'none' replayed from the file: r=4 runs beside the reference model
+    main(common + ["--jsonl", str(two_pass)])
+    main(common + ["--settings", "r=4", "keep_rate=0.5,prune_layers=(1,)", "--jsonl", str(two_pass)])
+    a, b = read_rows(one_pass), read_rows(two_pass)
+    assert [r["setting"] for r in a] == [r["setting"] for r in b] == ["none", "r=4", "keep_rate=0.5,prune_layers=(1,)"]
+    for x, y in zip(a[1:], b[1:]):
+        for key in ("top1", "agreement", "kl", "top1_diff", "top1_diff_se"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), key
+
+
 def test_eval_holdout_leaves_out_the_calibration_images(tiny_checkpoint_and_data, tmp_path, capsys):
     ckpt, labels = tiny_checkpoint_and_data
     out_json = tmp_path / "eval.jsonl"

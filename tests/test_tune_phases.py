@@ -159,7 +159,7 @@ def test_a_budget_stop_returns_the_incumbent_not_an_unfinished_point(monkeypatch
 
     _fake_device(monkeypatch, efficiency=0.8)
 
-    def stopped(self, method, extra):  # the budget ran out mid-walk: an untimed, unfinished point
+    def stopped(self, method, extra, held=None):  # the budget ran out mid-walk: an untimed, unfinished point
         return self.assess(Point((2,) * 6, (0,) * 6).text(method, extra), method, "greedy")
 
     monkeypatch.setattr(tune_search.Search, "reach_speed", stopped)

@@ -71,6 +71,7 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
         os.remove(args.jsonl)
     done = read_rows(args.jsonl, run) if args.jsonl else {}
     rows = []
+    reference_logits = None
     common = dict(batch_size=args.eval_batch_size, num_workers=args.workers, device=args.device,
                   precision=args.precision, progress=not args.quiet)
     for name in dict.fromkeys(["none"] + flags.names(settings)):  # repeated settings run once
@@ -80,10 +81,15 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
             rows.append(done[name])
             continue
         if name == "none":
-            result = evaluate(reference, data, label="none", **common)
+            # In one process the reference's logits are kept and reused: every setting is then one
+            # forward pass per batch instead of two (under torchrun each rank recomputes its shard).
+            result = evaluate(reference, data, label="none", keep_logits=info.world_size == 1, **common)
+            reference_logits, result.logits = result.logits, None
         else:
             model = apply_setting(copy.deepcopy(base), parse_setting(name))
-            result = evaluate(model, data, reference=reference, label=name, **common)
+            against = dict(reference_logits=reference_logits) if reference_logits is not None else \
+                dict(reference=reference)
+            result = evaluate(model, data, label=name, **against, **common)
         row = {"setting": name, "model": model_name, **result.to_dict(), "run": run}
         rows.append(row)
         if info.is_main and args.jsonl:
