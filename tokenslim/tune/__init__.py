@@ -27,6 +27,12 @@ Search, per method in ``methods``:
    reaches it when timed is found; the lowest KL among the points that reach the aim wins. A plain
    winner is refined as in 3 and kept refined if it still reaches the aim when timed.
 
+Before the walks, the weakest constant ``r`` and ramp ``(r, -1)`` that reach the target when
+timed give the *incumbent*: the result is never a setting with a higher calibration KL than it,
+and a budget stop returns it rather than an unfinished point. On deep models (``screen``) the
+walk starts from 75% of the incumbent's merges, scores options on a subset, repeats a step while
+it stays the cheapest, and refines between nearby blocks (:mod:`tokenslim.tune.search`).
+
 The method with the best fidelity at the target wins; it is re-measured once more. With
 ``max_drop`` instead of ``speedup`` the greedy walk goes on while the drop (top-1 points when
 labels exist, else disagreement in percent) stays within the budget, and the fastest setting found

@@ -4,7 +4,11 @@
 calibration images, the journal (every evaluation and timing, replayed on a rerun), the deadline,
 the candidates seen, the lazy-greedy bounds and the current merge step. The phases:
 
-* :meth:`Search.greedy`: the cheapest step per MAC saved, repeated up to a MAC goal;
+* :meth:`Search.incumbent`: the weakest plain ToMe schedules that reach the aim when timed;
+* :meth:`Search.warm_start`: on a screened (deep) search, the walk starts from 75% of the
+  incumbent's merges instead of the origin;
+* :meth:`Search.greedy`: the cheapest step per MAC saved, repeated up to a MAC goal (screened on
+  deep models: lazy on the subset, coarse far from the goal);
 * :meth:`Search.reach_speed`: greedy walks corrected by measured efficiency until the aim is met,
   backing off after an overshoot with a smaller merge step;
 * :meth:`Search.refine`: merges moved between blocks at equal compute while the KL improves;
