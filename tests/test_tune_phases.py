@@ -132,7 +132,7 @@ def test_screening_promotes_the_best_options_of_the_subset(monkeypatch):
     s2.screen, s2.promote = 8, 3
     s2.screen_data, s2.screen_logits = Subset(s.data, list(range(8))), s.ref_logits[:8]
     options = moves(Point.origin(6), ("merge", "prune"), True, 4)
-    promoted = s2.screen_options("tome", "", options, None)
+    promoted = [(key, trial) for _, key, trial in s2.screen_ranked("tome", "", options, None)[:s2.promote]]
     assert len(promoted) == 3
     # The promoted ones are exactly the three of lowest cost per MAC on the subset, computed by hand.
     by_hand = []
@@ -209,8 +209,8 @@ def test_screened_walk_repeats_the_best_step_without_screening_again(monkeypatch
             p.zero_()
     s = _screened(_search(model, step=2, search=("merge", "prune"), prune_ok=True))
     rounds, lines = [], []
-    real = tune_search.Search._screen_ranked
-    monkeypatch.setattr(tune_search.Search, "_screen_ranked", lambda self, *a: rounds.append(1) or real(self, *a))
+    real = tune_search.Search.screen_ranked
+    monkeypatch.setattr(tune_search.Search, "screen_ranked", lambda self, *a: rounds.append(1) or real(self, *a))
     s.say = lines.append
     s.greedy("tome", "", Point.origin(6), 1.25, None)
     steps = [line for line in lines if line.startswith("tome: r=")]
@@ -225,14 +225,16 @@ def test_screened_refine_takes_only_a_better_move_at_equal_compute(monkeypatch):
     s = _screened(_search(_planted()))
     start = Point((4, 4, 4, 0, 0, 0), (0,) * 6)  # merges where they cost most
     first = s.assess(start.text("tome"), "tome", "test")
+    lines = []
+    s.say = lines.append
     point, cand = s.refine("tome", "", start, first)
     full = [c for c in s.candidates if c.phase == "refine"]
     assert full and cand.kl < first.kl and cand.gmacs <= first.gmacs * tune_search.SIMILAR_MACS
     assert point != start
-    # Each round promotes at most `promote` moves to the whole calibration set, and only moves
-    # between blocks at most two apart are tried.
-    screened = [k for k in s.journal.evals if k.endswith("@screen8")]
-    assert len(full) <= s.promote * (len(screened))
+    # Each round (one per move taken, and the last that found none) evaluates at most `promote`
+    # moves on all images, each moving merges without adding any.
+    rounds = 1 + sum(1 for line in lines if line.startswith("tome: refined to"))
+    assert len(full) <= s.promote * rounds
     for c in full:
         r = [int(x) for x in c.setting[3:c.setting.index("]")].split(",")]
         assert sum(r) == sum(start.r)

@@ -204,7 +204,7 @@ class Search:
                             continue
                 lead = None
             if screened:
-                ranked = self._screen_ranked(method, extra, options, current)
+                ranked = self.screen_ranked(method, extra, options, current)
                 options = [(key, trial) for _, key, trial in ranked[:self.promote]]
             for key, trial in options:
                 if not screened and best_score is not None and key in stale and stale[key] >= best_score:
@@ -265,8 +265,11 @@ class Search:
             return math.inf, -saved
         return (max(cost, 0.0) / saved if cost > FREE_KL else 0.0), -saved
 
-    def _screen_ranked(self, method: str, extra: str, options: List[Tuple[Tuple[Any, ...], Point]],
-                       current: Optional[Candidate]) -> List[Tuple[Tuple[float, float], Tuple[Any, ...], Point]]:
+    def screen_ranked(self, method: str, extra: str, options: List[Tuple[Tuple[Any, ...], Point]],
+                      current: Optional[Candidate]) -> List[Tuple[Tuple[float, float], Tuple[Any, ...], Point]]:
+        """Successive halving in one round: every option scored on the screening subset (its cost
+        per MAC saved there), best first; options that save nothing are left out. A walk evaluates
+        the first :attr:`promote` on all images."""
         base_macs = current.gmacs if current is not None else self.base_gmacs
         scored = []
         for order, (key, trial) in enumerate(options):
@@ -276,12 +279,6 @@ class Search:
                            trial))
         scored.sort(key=lambda s: (s[0], s[1]))
         return [(score, key, trial) for score, _, key, trial in scored if score[0] < math.inf]
-
-    def screen_options(self, method: str, extra: str, options: List[Tuple[Tuple[Any, ...], Point]],
-                       current: Optional[Candidate]) -> List[Tuple[Tuple[Any, ...], Point]]:
-        """Successive halving in one round: every option scored on the screening subset (its cost
-        per MAC saved there), the best ``promote`` kept for the full calibration set."""
-        return [(key, trial) for _, key, trial in self._screen_ranked(method, extra, options, current)[:self.promote]]
 
     def incumbent(self, method: str, extra: str) -> Optional[Candidate]:
         """What plain ToMe gives at the aim: the weakest constant ``r`` and the weakest ramp
@@ -364,8 +361,7 @@ class Search:
         when time runs out or the family saturates first (every block at its limit).
 
         Compute needs no evaluation: the walk counts MACs and only the member found is evaluated
-        on the calibration images. (Evaluating every member
-        on the way cost a 12-block search a quarter of its budget.)"""
+        on the calibration images."""
         previous = math.inf
         for k in range(1, 65):
             if self.out_of_time():
