@@ -159,3 +159,60 @@ def test_accumulation_and_bf16_autocast_train():
     _assert_same(whole.state_dict(), accumulated.state_dict())  # two half-batches make the same step
     amp, result = _single(3, precision="amp_bfloat16")
     assert result.steps == 3 and all(torch.isfinite(p).all() for p in amp.parameters())
+
+
+class _CountingTeacher(torch.nn.Module):
+    """The teacher, counting the images it is asked about."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.inner(x)
+
+
+def test_cached_teacher_trains_as_the_uncached_run_and_asks_each_image_once():
+    plain, teacher = student_and_teacher()
+    recover(plain, teacher, data(), epochs=3, batch_size=8, hflip=True, progress=False, device="cpu")
+    cached, teacher2 = student_and_teacher()
+    counting = _CountingTeacher(teacher2)
+    logs = []
+    recover(cached, counting, data(), epochs=3, batch_size=8, hflip=True, cache_teacher=True, progress=False,
+            device="cpu", log=logs.append)
+    _assert_same(plain.state_dict(), cached.state_dict())
+    # 32 images x 3 epochs, each flipped or not: at most 64 (image, flip) pairs, plus the shape probe.
+    assert counting.seen <= 64 + 1 < 3 * 32
+    assert any("outputs are cached (32 images x 2 flips x 10 classes" in m for m in logs)
+
+
+def test_flips_are_seeded_per_epoch_and_mirror_the_image():
+    from tokenslim.recover.teacher_cache import apply_flips, flip_draws
+
+    a, b = flip_draws(1000, 0, 0), flip_draws(1000, 0, 1)
+    assert torch.equal(a, flip_draws(1000, 0, 0)) and not torch.equal(a, b)
+    assert 400 < int(a.sum()) < 600
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).view(2, 3, 2, 4)
+    out = apply_flips(x, torch.tensor([True, False]))
+    assert torch.equal(out[0], x[0, :, :, [3, 2, 1, 0]]) and torch.equal(out[1], x[1])
+
+
+def test_hflip_changes_training_and_the_resume_check_sees_it(tmp_path):
+    plain, _ = _single(4)
+    flipped, _ = _single(4, hflip=True)
+    assert any(not torch.equal(v, flipped.state_dict()[k]) for k, v in plain.state_dict().items())
+    state = str(tmp_path / "r.state")
+    _single(2, state_path=state)
+    with pytest.raises(ValueError, match="hflip"):
+        model, teacher = student_and_teacher()
+        recover(model, teacher, data(), steps=2, batch_size=8, save_every=2, hflip=True, state_path=state,
+                progress=False, device="cpu")
+
+
+def test_teacher_cache_refusals():
+    model, teacher = student_and_teacher()
+    with pytest.raises(ValueError, match="mixup blends new images"):
+        recover(model, teacher, data(), steps=2, batch_size=8, cache_teacher=True, mixup=1.0, progress=False)
+    with pytest.raises(ValueError, match="map-style data set"):
+        recover(model, teacher, _Stream(), steps=2, batch_size=8, cache_teacher=True, progress=False)

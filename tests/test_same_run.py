@@ -161,6 +161,16 @@ def test_recover_refuses_a_resume_of_another_run(tiny, tmp_path, capsys, change)
     assert "the recovery state" in err and named in err and "delete the file" in err
 
 
+def test_recover_cli_caches_the_teacher_with_hflip_and_refuses_it_with_augment(tiny, tmp_path, capsys):
+    ckpt, labels = tiny
+    out = tmp_path / "cached.pth"
+    main(_recover(ckpt, labels, out, "--hflip", "--cache-teacher"))
+    assert "outputs are cached" in capsys.readouterr().err
+    assert torch.load(out, weights_only=False)["extra"]["hflip"] is True
+    err = _fails(capsys, _recover(ckpt, labels, tmp_path / "x.pth", "--augment", "--cache-teacher"))
+    assert "--cache-teacher" in err and "use --hflip" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # 5-6: a checkpoint that carries settings, and the model a result is labelled with
 # ---------------------------------------------------------------------------------------------

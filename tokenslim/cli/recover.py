@@ -50,6 +50,11 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ce-weight", type=float, default=0.0, help="add cross-entropy on the labels with this weight")
     p.add_argument("--augment", action="store_true",
                    help="light augmentation (random 60-100%% crop, flip) instead of the evaluation transform")
+    p.add_argument("--hflip", action="store_true",
+                   help="the evaluation transform and a seeded horizontal flip of half the images each epoch")
+    p.add_argument("--cache-teacher", action="store_true",
+                   help="compute the teacher's output for each image (and its flip) once and reuse it in later "
+                        "epochs; needs inputs that repeat: not with --augment, --mixup or --feature-weight")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                    help="blend each batch with itself reversed, weight ~ Beta(ALPHA, ALPHA); teacher and student "
                         "see the same blend (e.g. 1.0; 0: off)")
@@ -118,6 +123,9 @@ def run_recover_cmd(args: argparse.Namespace):
     for text, setting in zip(args.settings, settings):
         check_setting(start, setting, text)
     transform, config = resolve_transform(start)
+    if args.cache_teacher and args.augment:
+        raise ValueError("--cache-teacher reuses the teacher's output for an image, and --augment crops it anew "
+                         "every epoch; use --hflip (the flip is cached) instead of --augment")
     if args.augment:
         from ..evaluate.data import light_augmentation
 
@@ -176,7 +184,8 @@ def _recover_one(args, start, teacher, name, config, data, val, setting, path, s
                      ce_weight=args.ce_weight, num_workers=args.workers, device=args.device,
                      lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, mixup=args.mixup,
                      feature_weight=args.feature_weight, temperature=args.temperature, seed=args.seed,
-                     state_path=state, progress=not args.quiet, val_data=val,
+                     state_path=state, progress=not args.quiet, val_data=val, hflip=args.hflip,
+                     cache_teacher=args.cache_teacher,
                      run_info={"settings": format_setting(setting), "model": name, "augment": bool(args.augment)})
     if not current().is_main:
         return result  # rank 0 alone writes the checkpoint
@@ -186,7 +195,7 @@ def _recover_one(args, start, teacher, name, config, data, val, setting, path, s
                     {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
                      if k in config},
                     extra={"recovered_from": format_setting(setting), "method": args.trainable, "steps": result.steps,
-                           "augment": bool(args.augment), "mixup": args.mixup, "ce_weight": args.ce_weight,
+                           "augment": bool(args.augment), "hflip": bool(args.hflip), "mixup": args.mixup, "ce_weight": args.ce_weight,
                            "feature_weight": args.feature_weight, "temperature": args.temperature,
                            "images": result.images, "minutes": round(result.seconds / 60, 2),
                            "epochs": result.epochs, "ranks": result.world_size, "batch_size": result.batch_size,

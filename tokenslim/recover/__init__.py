@@ -34,7 +34,8 @@ fingerprint of :mod:`tokenslim.fingerprint`) continues.
 
 Modules: :mod:`~tokenslim.recover.params` (what trains, LoRA, folding back),
 :mod:`~tokenslim.recover.losses` (the objective), :mod:`~tokenslim.recover.data` (orders, shares,
-streams) and :mod:`~tokenslim.recover.trainer` (the loop).
+streams), :mod:`~tokenslim.recover.teacher_cache` (the teacher's outputs kept per image, the seeded
+flip) and :mod:`~tokenslim.recover.trainer` (the loop).
 """
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ def recover(
     precision: str = "float32",
     val_data: Optional[Dataset] = None,
     device: Optional[str] = None,
+    cache_teacher: bool = False,
+    hflip: bool = False,
 ) -> RecoverResult:
     """Distil the unpatched ``teacher`` into the reduced ``model`` by tuning a few parameters.
 
@@ -152,6 +155,13 @@ def recover(
             error relative to the teacher's norm, averaged over blocks) with this weight.
         temperature: distillation temperature ``T``: both outputs softened by ``T``, the KL scaled
             by ``T**2`` (Hinton et al.). 1.0 is the plain KL.
+        hflip: mirror a seeded half of the images left to right, drawn anew every epoch (the same
+            on every rank and after a resume); the flip that ``cache_teacher`` can cache.
+        cache_teacher: keep the teacher's output for every image (and its flip) the first time it
+            is computed and reuse it in later epochs: the same loss, the teacher's forward pass
+            paid once. For inputs that are the same every epoch (the evaluation transform, with
+            ``hflip``); refused with ``mixup`` or ``feature_weight`` and for streams. Memory:
+            images x 2 x classes x 4 bytes, stated in the first log line.
         val_data: images evaluated after every epoch (top-1 and KL to the teacher); the parameters
             of the best epoch (top-1 where labels fit, else KL) are the ones kept.
         state_path: resume file, written every ``save_every`` steps and after every epoch (rank 0).
@@ -233,19 +243,25 @@ def recover(
         feature_weight=feature_weight, temperature=temperature, seed=seed, precision=precision,
         lora_rank=lora_rank if method.startswith("lora") else None,
         lora_alpha=lora_alpha if method.startswith("lora") else None,
-        stream=type(data).__name__ if streaming else None, **(run_info or {}))
+        stream=type(data).__name__ if streaming else None, hflip=hflip, **(run_info or {}))
 
     trainer = Trainer(model, teacher, data, method=method, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                       accum=accum, weight_decay=weight_decay, ce_weight=ce_weight, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, mixup=mixup, feature_weight=feature_weight, temperature=temperature,
                       precision=precision, num_workers=num_workers, seed=seed, state_path=state_path,
                       save_every=save_every, val_data=val_data, progress=progress, say=say, identity=identity,
-                      device=device)
+                      device=device, cache_teacher=cache_teacher, hflip=hflip)
     share = f"{trainer.micro} per rank x {info.world_size} rank{'s' if info.world_size > 1 else ''}" + \
         (f" x {accum} accumulation steps" if accum > 1 else "")
     per_epoch = f", {trainer.steps_per_epoch} steps per epoch" if trainer.steps_per_epoch else ""
     trainer.say(f"recover: {info.world_size} rank{'s' if info.world_size > 1 else ''} train {method}, global batch "
                 f"{batch_size} ({share}), {trainer.steps} steps{per_epoch}, lr {lr:g}, {trainer.device.type}")
+    if cache_teacher:
+        from .teacher_cache import TeacherCache
+
+        size = TeacherCache.nbytes(trainer.images, t_out.shape[-1]) / 2 ** 20
+        trainer.say(f"recover: the teacher's outputs are cached ({trainer.images} images x 2 flips x "
+                    f"{t_out.shape[-1]} classes, {size:.1f} MB), computed once each")
     trainer.resume()
     seconds = trainer.run()
     fold_back(model, trainer.student)

@@ -27,6 +27,7 @@ from ..evaluate.distributed import DistInfo, current
 from .data import SeededItems, global_batches, is_presplit, rank_micro_batches, stream_length, stream_micro_batches
 from .losses import ClassTokenTaps, distill_loss, mixup_lambda, partners
 from .params import attach, freeze_key_bias
+from .teacher_cache import TeacherCache, apply_flips, flip_draws
 
 
 def _all_mean(value: float, info: DistInfo) -> float:
@@ -45,7 +46,8 @@ class Trainer:
                  ce_weight: float, lora_rank: int, lora_alpha: int, mixup: float, feature_weight: float,
                  temperature: float, precision: str, num_workers: int, seed: int, state_path: Optional[str],
                  save_every: int, val_data: Optional[Dataset], progress: bool, say: Callable[[str], None],
-                 identity: Dict[str, Any], device: Optional[str] = None) -> None:
+                 identity: Dict[str, Any], device: Optional[str] = None, cache_teacher: bool = False,
+                 hflip: bool = False) -> None:
         self.info = current()
         if device is None:
             device = f"cuda:{self.info.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -72,6 +74,14 @@ class Trainer:
             raise ValueError(f"the training data has {n} images, fewer than one global batch ({batch_size}); use a "
                              "smaller batch or more images")
         self.steps_per_epoch = n // batch_size if n is not None else None
+        if (cache_teacher or hflip) and self.streaming:
+            raise ValueError("cache_teacher and hflip follow each image by its index and need a map-style data set, "
+                             "not a stream")
+        if cache_teacher and (mixup > 0 or feature_weight > 0):
+            raise ValueError("cache_teacher keeps the teacher's outputs per image; mixup blends new images and "
+                             "feature_weight needs the teacher's inner states every step: drop one of them")
+        self.hflip = hflip
+        self.cache = TeacherCache(n) if cache_teacher else None
         if epochs is not None:
             if self.steps_per_epoch is None:
                 raise ValueError("epochs needs a data set of known length; give steps for a stream without one")
@@ -155,17 +165,27 @@ class Trainer:
 
     # -- one step --------------------------------------------------------------------------------
 
+    def _teacher_logp(self, images: torch.Tensor) -> torch.Tensor:
+        with self.amp(), torch.no_grad():
+            t_logits = self.teacher(images)
+        return (t_logits.float() / self.temperature).log_softmax(-1)
+
     def _micro_loss(self, images: torch.Tensor, labels: torch.Tensor, lam: Optional[float],
-                    taps: Optional[ClassTokenTaps]) -> torch.Tensor:
+                    taps: Optional[ClassTokenTaps], indices: Optional[List[int]] = None,
+                    flips: Optional[torch.Tensor] = None) -> torch.Tensor:
         images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        if flips is not None:
+            images = apply_flips(images, flips)
         if lam is not None:
             pair = partners(images.shape[0])
             images = lam * images + (1 - lam) * images[pair]
+        if self.cache is not None:
+            flip_side = flips if flips is not None else torch.zeros(len(indices), dtype=torch.bool)
+            t_logp = self.cache.lookup(indices, flip_side, images, self._teacher_logp)
+        else:
+            t_logp = self._teacher_logp(images)
         with self.amp():
-            with torch.no_grad():
-                t_logits = self.teacher(images)
             s_logits = (self.ddp or self.student)(images)
-        t_logp = (t_logits.float() / self.temperature).log_softmax(-1)
         loss = distill_loss(s_logits, t_logp, self.temperature)
         if taps is not None:
             loss = loss + self.feature_weight * taps.loss()
@@ -182,11 +202,11 @@ class Trainer:
         lam = mixup_lambda(self.mixup, self.seed, self.step) if self.mixup > 0 else None
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
-        for i, (images, labels) in enumerate(micro_batches):
+        for i, (images, labels, *where) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else nullcontext()
             with sync:
-                loss = self._micro_loss(images, labels, lam, taps) / len(micro_batches)
+                loss = self._micro_loss(images, labels, lam, taps, *where) / len(micro_batches)
                 loss.backward()
             total += float(loss.detach())
         self.opt.step()
@@ -289,10 +309,11 @@ class Trainer:
         micro = rank_micro_batches(batches[first:], self.info.rank, self.info.world_size, self.accum)
         loader = DataLoader(SeededItems(self.data, self.seed, self.epoch), batch_sampler=micro,
                             num_workers=self.num_workers)
+        flips = flip_draws(len(self.data), self.seed, self.epoch) if self.hflip else None
         pending: List = []
         index = first
-        for images, labels in loader:
-            pending.append((images, labels))
+        for indices, (images, labels) in zip(micro, loader):
+            pending.append((images, labels, indices, flips[indices] if flips is not None else None))
             if len(pending) < self.accum:
                 continue
             loss = self._step(pending, self.taps)
