@@ -175,6 +175,23 @@ def test_recover_cli_caches_the_teacher_with_hflip_and_refuses_it_with_augment(t
 # 5-6: a checkpoint that carries settings, and the model a result is labelled with
 # ---------------------------------------------------------------------------------------------
 
+def test_a_checkpoint_without_settings_is_measured_against_another_baseline(tmp_path, capsys):
+    """A recovered or channel-materialised checkpoint carries no token settings: against --baseline
+    its own weights must still be a row (they once were never evaluated at all)."""
+    ckpt, original = _save(tmp_path / "recovered.pth", seed=1), _save(tmp_path / "original.pth", seed=0)
+    labels = _labels(tmp_path)
+    main(["eval", "--checkpoint", str(ckpt), "--baseline", str(original), "--data", str(labels), "--workers", "0",
+          "--quiet", "--jsonl", str(tmp_path / "e.jsonl"), "--settings", "r=2"])
+    rows = {r["setting"]: r for r in read_rows(tmp_path / "e.jsonl")}
+    assert list(rows) == ["none", "checkpoint", "r=2"]
+    assert rows["checkpoint"]["agreement"] < 100.0 and rows["checkpoint"]["kl"] > 1e-4  # other weights
+    assert "r" not in rows["checkpoint"]["settings"]
+    # With the checkpoint's own weights as the baseline, no extra row: "none" is the checkpoint.
+    main(["eval", "--checkpoint", str(ckpt), "--data", str(labels), "--workers", "0", "--quiet", "--jsonl",
+          str(tmp_path / "f.jsonl")])
+    assert [r["setting"] for r in read_rows(tmp_path / "f.jsonl")] == ["none"]
+
+
 def test_checkpoint_that_carries_settings_is_compared_unreduced(tmp_path, capsys):
     ckpt = _save(tmp_path / "recovered.pth", settings="r=4")
     labels = _labels(tmp_path)

@@ -47,7 +47,7 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     flags.check_output_file(args.jsonl, "--jsonl")
     if args.onnx:
         return _run_onnx_eval(args)
-    base, model_name, settings = flags.load_model_and_settings(args)
+    base, model_name, settings, carried = flags.load_model_and_settings(args, with_carried=True)
     transform, data_config = resolve_transform(base, **flags.input_overrides(base, args.img_size))
     data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
     if info.is_main:
@@ -74,7 +74,11 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     reference_logits = None
     common = dict(batch_size=args.eval_batch_size, num_workers=args.workers, device=args.device,
                   precision=args.precision, progress=not args.quiet)
-    for name in dict.fromkeys(["none"] + flags.names(settings)):  # repeated settings run once
+    # Against another baseline, the checkpoint's own weights are a row of their own: as trained when
+    # it carries settings (that row leads the settings), else as loaded (a materialised channel
+    # plan, or weights recovered without token settings), or it would never be measured.
+    own = ["checkpoint"] if args.baseline and not carried else []
+    for name in dict.fromkeys(["none"] + own + flags.names(settings)):  # repeated settings run once
         if name in done:
             if info.is_main and not args.quiet:
                 flags.progress(f"{name}: already in {args.jsonl}, skipped (--fresh to redo)")
@@ -86,7 +90,7 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
             result = evaluate(reference, data, label="none", keep_logits=info.world_size == 1, **common)
             reference_logits, result.logits = result.logits, None
         else:
-            model = apply_setting(copy.deepcopy(base), parse_setting(name))
+            model = base if name == "checkpoint" else apply_setting(copy.deepcopy(base), parse_setting(name))
             against = dict(reference_logits=reference_logits) if reference_logits is not None else \
                 dict(reference=reference)
             result = evaluate(model, data, label=name, **against, **common)
