@@ -47,7 +47,7 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     flags.check_output_file(args.jsonl, "--jsonl")
     if args.onnx:
         return _run_onnx_eval(args)
-    base, model_name, settings, carried = flags.load_model_and_settings(args, with_carried=True)
+    base, model_name, settings, carried = flags.load_model_and_settings(args)
     transform, data_config = resolve_transform(base, **flags.input_overrides(base, args.img_size))
     data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
     if info.is_main:

@@ -34,7 +34,7 @@ def run_export_cmd(args: argparse.Namespace):
         _require_onnx()  # before any loading
     flags.check_out_dir(args.out)
     args.random_weights = True  # exporting needs no trained weights (the metadata says which were used)
-    base, name, settings = flags.load_model_and_settings(args)
+    base, name, settings, _ = flags.load_model_and_settings(args)
     if not settings:
         raise ValueError("give the setting to export (--settings r=16), or a checkpoint that carries one")
     setting = settings[-1]  # the one given, else the one the checkpoint carries

@@ -191,10 +191,10 @@ def load_onnx(args: argparse.Namespace):
     return model, base, f"{name} (ONNX Runtime)", model.metadata.get("settings") or "none"
 
 
-def load_model_and_settings(args: argparse.Namespace, with_carried: bool = False):
-    """The unreduced model, its architecture name and the parsed settings to compare with it (the
-    checkpoint's own settings first), every setting checked against the model before any work;
-    ``with_carried`` adds whether the checkpoint carried settings of its own."""
+def load_model_and_settings(args: argparse.Namespace):
+    """The unreduced model, its architecture name, the parsed settings to compare with it (the
+    checkpoint's own settings first) and the text of the settings the checkpoint carried (``None``
+    if it carried none), every setting checked against the model before any work."""
     from ..spec import check_setting, parse_setting
 
     settings = [(t, parse_setting(t)) for t in args.settings]  # syntax first, before loading anything
@@ -203,9 +203,7 @@ def load_model_and_settings(args: argparse.Namespace, with_carried: bool = False
         settings.insert(0, (carried, parse_setting(carried)))
     for text, setting in settings:
         check_setting(model, setting, text)
-    if with_carried:
-        return model, name, [s for _, s in settings], bool(carried)
-    return model, name, [s for _, s in settings]
+    return model, name, [s for _, s in settings], carried or None
 
 
 def input_overrides(model, img_size: Optional[int]) -> Dict[str, Any]:

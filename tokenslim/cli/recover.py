@@ -195,7 +195,8 @@ def _recover_one(args, start, teacher, name, config, data, val, setting, path, s
                     {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
                      if k in config},
                     extra={"recovered_from": format_setting(setting), "method": args.trainable, "steps": result.steps,
-                           "augment": bool(args.augment), "hflip": bool(args.hflip), "mixup": args.mixup, "ce_weight": args.ce_weight,
+                           "augment": bool(args.augment), "hflip": bool(args.hflip), "mixup": args.mixup,
+                           "ce_weight": args.ce_weight,
                            "feature_weight": args.feature_weight, "temperature": args.temperature,
                            "images": result.images, "minutes": round(result.seconds / 60, 2),
                            "epochs": result.epochs, "ranks": result.world_size, "batch_size": result.batch_size,

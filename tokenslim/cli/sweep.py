@@ -24,7 +24,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
     from ..sweep import format_sweep, run_sweep, write_outputs
 
     flags.check_out_dir(args.out)
-    model, name, settings = flags.load_model_and_settings(args)
+    model, name, settings, _ = flags.load_model_and_settings(args)
     transform, _ = resolve_transform(model, **flags.input_overrides(model, args.img_size))
     data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
     run = dict(limit=args.limit, holdout=args.holdout, seed=args.seed, precision=args.precision,

@@ -31,7 +31,7 @@ def run_vis_cmd(args: argparse.Namespace) -> None:
     else:
         flags.check_out_dir(args.out)
         path = os.path.join(args.out, "vis.png")
-    model, _, settings = flags.load_model_and_settings(args)
+    model, _, settings, _ = flags.load_model_and_settings(args)
     transform, config = resolve_transform(model)
     data = subset(open_dataset(args.data, transform), args.limit, args.seed)
     x = torch.stack([data[i][0] for i in range(len(data))])

@@ -39,7 +39,6 @@ class TeacherCache:
         self.n = n
         self.logp: torch.Tensor = torch.zeros(0)
         self.filled = torch.zeros(n, 2, dtype=torch.bool)
-        self.computed = 0
 
     @staticmethod
     def nbytes(n: int, classes: int) -> int:
@@ -60,5 +59,4 @@ class TeacherCache:
                 self.logp = torch.zeros(self.n, 2, fresh.shape[-1])
             self.logp[idx[rows], side[rows]] = fresh
             self.filled[idx[rows], side[rows]] = True
-            self.computed += int(rows.numel())
         return self.logp[idx, side].to(images.device)
