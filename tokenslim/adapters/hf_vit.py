@@ -15,7 +15,8 @@ Design:
   classifier, CLIP's pooled class token) are therefore exact without modification; a mean over
   the patch positions is the size-weighted mean of the merged tokens.
 * Until the first reduction a layer runs as the library's own module (so ``r=0`` is the
-  unpatched computation); reducing layers compute attention with
+  unpatched computation); reducing layers and their attention are still called as modules, so
+  hooks fire (:mod:`tokenslim.adapters.calls`); reducing layers compute attention with
   ``F.scaled_dot_product_attention`` whatever ``config._attn_implementation`` says, because the
   eager path has no place for the ``log(size)`` bias of proportional attention.
 """
@@ -31,6 +32,7 @@ from ..ops.attention import AttentionResult, reducing_attention
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import ReductionSettings
 from ..versions import check_release
+from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
 
 TRANSFORMERS_MIN = (5, 24, 0)
 TRANSFORMERS_MAX = (5, 24, 999)
@@ -74,10 +76,23 @@ def hf_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Tens
     return res._replace(out=out_proj(res.out.transpose(1, 2).reshape(batch, n, -1)))
 
 
+def _attention_call(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Tensor], step: BlockStep):
+    # transformers' attention modules return (output, weights); weights are not computed when reducing.
+    res = hf_attention(attn, x, log_size, step)
+    return (res.out, None), res
+
+
+def _attend(attn: nn.Module, x: torch.Tensor, sizes: Optional[torch.Tensor],
+            step: BlockStep) -> Tuple[torch.Tensor, AttentionResult]:
+    """The attention through its ``__call__`` (hooks fire): its output as the hooks leave it, and the scores."""
+    out, res = call_through(attn, _attention_call, x, step_log_size(step, sizes), step)
+    return out[0], res
+
+
 def _vit_layer(layer: nn.Module, x, sizes, source, step):
     """``ViTLayer``/``DeiTLayer``: pre-norm attention, reduction, pre-norm MLP (hidden dropout on both)."""
-    attn = hf_attention(layer.attention, layer.layernorm_before(x), step_log_size(step, sizes), step)
-    x = x + layer.dropout(attn.out)
+    out, attn = _attend(layer.attention, layer.layernorm_before(x), sizes, step)
+    x = x + layer.dropout(out)
     x, sizes, source = reduce_step(x, attn, sizes, source, step)
     x = x + layer.dropout(layer.mlp(layer.layernorm_after(x)))
     return x, sizes, source
@@ -85,8 +100,8 @@ def _vit_layer(layer: nn.Module, x, sizes, source, step):
 
 def _dinov2_layer(layer: nn.Module, x, sizes, source, step):
     """``Dinov2Layer`` (and with registers): LayerScale and drop path on both branches."""
-    attn = hf_attention(layer.attention, layer.norm1(x), step_log_size(step, sizes), step)
-    x = x + layer.drop_path(layer.layer_scale1(attn.out))
+    out, attn = _attend(layer.attention, layer.norm1(x), sizes, step)
+    x = x + layer.drop_path(layer.layer_scale1(out))
     x, sizes, source = reduce_step(x, attn, sizes, source, step)
     x = x + layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x))))
     return x, sizes, source
@@ -94,8 +109,8 @@ def _dinov2_layer(layer: nn.Module, x, sizes, source, step):
 
 def _clip_layer(layer: nn.Module, x, sizes, source, step):
     """``CLIPEncoderLayer``."""
-    attn = hf_attention(layer.self_attn, layer.layer_norm1(x), step_log_size(step, sizes), step)
-    x = x + attn.out
+    out, attn = _attend(layer.self_attn, layer.layer_norm1(x), sizes, step)
+    x = x + out
     x, sizes, source = reduce_step(x, attn, sizes, source, step)
     x = x + layer.mlp(layer.layer_norm2(x))
     return x, sizes, source
@@ -112,9 +127,15 @@ def run_layers(
     settings: ReductionSettings,
     num_prefix_tokens: int,
     collect: bool,
-    gradient_checkpointing: bool = False,
+    attention: Callable[[nn.Module], nn.Module],
+    supported: Tuple[type, type],
 ) -> Tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], List[torch.Tensor]]:
     """Run ``layers`` with reduction.
+
+    Every layer is called as a module (a reducing one through
+    :func:`~tokenslim.adapters.calls.call_through`), so its hooks fire and transformers' own
+    gradient checkpointing of the layer applies; ``attention(layer)`` is its attention module and
+    ``supported`` the (layer, attention) classes it must have.
 
     Returns:
         The reduced tokens after the last layer, the function that expands them to the unpatched
@@ -127,17 +148,14 @@ def run_layers(
     source: Optional[torch.Tensor] = None
     has_dropped = False
     hidden: List[torch.Tensor] = []
-    checkpointing = gradient_checkpointing and torch.is_grad_enabled()
     for i, (layer, step) in enumerate(zip(layers, block_steps(settings, plan, num_prefix_tokens))):
         has_dropped = plan.dropped[i]
         if source is None and not step.reduces:
             x = layer(x, None)
-        elif checkpointing:
-            x, sizes, source = torch.utils.checkpoint.checkpoint(
-                reducing_layer, layer, x, sizes, source, step, use_reentrant=False
-            )
         else:
-            x, sizes, source = reducing_layer(layer, x, sizes, source, step)
+            check_reducible(i, layer, attention(layer), (supported[0],), (supported[1],),
+                            f"{supported[0].__name__} with {supported[1].__name__}")
+            x, sizes, source = call_through(layer, reducing_layer, x, sizes, source, step)
         if collect:
             hidden.append(x if source is None else unmerge(x, source, has_dropped))
 
@@ -192,11 +210,13 @@ class _TokenSlimHF:
     tokenslim_layers: nn.ModuleList
     num_prefix_tokens: int
     _tokenslim_layer: Callable
+    _tokenslim_attention: Callable[[nn.Module], nn.Module]
+    _tokenslim_supported: Tuple[type, type]
 
     def _tokenslim_run(self, x: torch.Tensor, hidden: bool):
-        layers = self.tokenslim_layers
-        return run_layers(layers, type(self)._tokenslim_layer, x, self.tokenslim, self.num_prefix_tokens, hidden,
-                          getattr(layers[0], "gradient_checkpointing", False))
+        cls = type(self)
+        return run_layers(self.tokenslim_layers, cls._tokenslim_layer, x, self.tokenslim, self.num_prefix_tokens,
+                          hidden, cls._tokenslim_attention, cls._tokenslim_supported)
 
 
 def _vit_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
@@ -243,27 +263,37 @@ def _clip_forward(self, pixel_values=None, interpolate_pos_encoding=False, **kwa
 
 def _family_table() -> Dict[type, Dict[str, Any]]:
     """The supported base classes of the installed transformers and how each is wired."""
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
-    from transformers.models.deit.modeling_deit import DeiTLayer, DeiTModel
-    from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
+    from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPVisionModel
+    from transformers.models.deit.modeling_deit import DeiTAttention, DeiTLayer, DeiTModel
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Attention, Dinov2Layer, Dinov2Model
     from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+        Dinov2WithRegistersAttention,
         Dinov2WithRegistersLayer,
         Dinov2WithRegistersModel,
     )
-    from transformers.models.vit.modeling_vit import ViTLayer, ViTModel
+    from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTModel
+
+    def attention(layer: nn.Module) -> nn.Module:
+        return layer.attention
+
+    def self_attn(layer: nn.Module) -> nn.Module:
+        return layer.self_attn
 
     return {
-        ViTModel: dict(layer=ViTLayer, reducing=_vit_layer, forward=_vit_forward, layers=lambda m: m.layers,
-                       prefix=lambda m: 1, pools_patches=False),
-        DeiTModel: dict(layer=DeiTLayer, reducing=_vit_layer, forward=_vit_forward, layers=lambda m: m.layers,
-                        prefix=lambda m: 2, pools_patches=False),
-        Dinov2Model: dict(layer=Dinov2Layer, reducing=_dinov2_layer, forward=_dinov2_forward,
-                          layers=lambda m: m.encoder.layer, prefix=lambda m: 1, pools_patches=True),
-        Dinov2WithRegistersModel: dict(layer=Dinov2WithRegistersLayer, reducing=_dinov2_layer,
+        ViTModel: dict(layer=ViTLayer, attn=ViTAttention, attention=attention, reducing=_vit_layer,
+                       forward=_vit_forward, layers=lambda m: m.layers, prefix=lambda m: 1, pools_patches=False),
+        DeiTModel: dict(layer=DeiTLayer, attn=DeiTAttention, attention=attention, reducing=_vit_layer,
+                        forward=_vit_forward, layers=lambda m: m.layers, prefix=lambda m: 2, pools_patches=False),
+        Dinov2Model: dict(layer=Dinov2Layer, attn=Dinov2Attention, attention=attention, reducing=_dinov2_layer,
+                          forward=_dinov2_forward, layers=lambda m: m.encoder.layer, prefix=lambda m: 1,
+                          pools_patches=True),
+        Dinov2WithRegistersModel: dict(layer=Dinov2WithRegistersLayer, attn=Dinov2WithRegistersAttention,
+                                       attention=attention, reducing=_dinov2_layer,
                                        forward=_dinov2_forward, layers=lambda m: m.encoder.layer,
                                        prefix=lambda m: 1 + m.config.num_register_tokens, pools_patches=True),
-        CLIPVisionModel: dict(layer=CLIPEncoderLayer, reducing=_clip_layer, forward=_clip_forward,
-                              layers=lambda m: m.encoder.layers, prefix=lambda m: 1, pools_patches=False),
+        CLIPVisionModel: dict(layer=CLIPEncoderLayer, attn=CLIPAttention, attention=self_attn, reducing=_clip_layer,
+                              forward=_clip_forward, layers=lambda m: m.encoder.layers, prefix=lambda m: 1,
+                              pools_patches=False),
     }
 
 
@@ -277,6 +307,8 @@ def _patched_class(base_cls: type, family: Dict[str, Any]) -> type:
         attrs = {
             "forward": family["forward"],
             "_tokenslim_layer": staticmethod(family["reducing"]),
+            "_tokenslim_attention": staticmethod(family["attention"]),
+            "_tokenslim_supported": (family["layer"], family["attn"]),
             "tokenslim_layers": property(lambda self: layers(self)),
             "num_prefix_tokens": property(lambda self: prefix(self)),
             "__doc__": f"A {base_cls.__name__} patched by tokenslim (see tokenslim.patch).",
@@ -291,9 +323,13 @@ def __getattr__(name: str) -> type:
     """The patched classes by name, made on demand: ``pickle`` finds ``TokenSlimViTModel`` and its
     siblings here when it loads a saved patched model in a fresh process."""
     if name.startswith("TokenSlim"):
-        for base_cls, family in _family_table().items():
+        table = _family_table()
+        for base_cls, family in table.items():
             if f"TokenSlim{base_cls.__name__}" == name:
                 return _patched_class(base_cls, family)
+        hooked = hooked_by_name(name, tuple(c for f in table.values() for c in (f["layer"], f["attn"])), __name__)
+        if hooked is not None:
+            return hooked
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -344,13 +380,18 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
     family = table[base_cls]
     layers = family["layers"](base)
     for i, layer in enumerate(layers):
-        if type(layer) is not family["layer"]:
+        if base_class(type(layer)) is not family["layer"] or base_class(type(family["attention"](layer))) \
+                is not family["attn"]:
             raise TypeError(f"tokenslim cannot patch layer {i} of type {type(layer).__qualname__}: "
-                            f"{base_cls.__name__} is supported with {family['layer'].__name__} layers only")
+                            f"{base_cls.__name__} is supported with {family['layer'].__name__} layers (with "
+                            f"{family['attn'].__name__}) only")
     reduction = ReductionSettings(len(layers), has_class_token=True, pools_patches=_pools_patches(model, family),
                                   **settings)
     base.__class__ = _patched_class(base_cls, family)
     base.tokenslim = reduction
+    for layer in layers:
+        hook_module(layer, __name__)
+        hook_module(family["attention"](layer), __name__)
     if model is not base:
         model.tokenslim = reduction
     return model
@@ -369,6 +410,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             module.__class__ = original
             if "tokenslim" in module.__dict__:
                 del module.tokenslim
+    unhook_all(model)
     if "tokenslim" in model.__dict__:
         del model.tokenslim
     return model

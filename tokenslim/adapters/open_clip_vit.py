@@ -23,6 +23,7 @@ from ..ops.attention import AttentionResult, reducing_attention
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import ReductionSettings
 from ..versions import check_release
+from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
 
 OPEN_CLIP_MIN = (3, 0, 0)
 OPEN_CLIP_MAX = (3, 3, 999)
@@ -57,10 +58,20 @@ def mha_attention(attn: nn.MultiheadAttention, x: torch.Tensor, log_size: Option
     return res._replace(out=attn.out_proj(res.out.transpose(1, 2).reshape(batch, n, c)))
 
 
+def _attention_call(attn: nn.MultiheadAttention, x: torch.Tensor, log_size: Optional[torch.Tensor], step: BlockStep):
+    # nn.MultiheadAttention returns (output, weights); weights are not computed when reducing.
+    res = mha_attention(attn, x, log_size, step)
+    return (res.out, None), res
+
+
 def reducing_block(block: nn.Module, x, sizes, source, step):
-    """One open_clip ``ResidualAttentionBlock`` with token reduction (after the attention residual)."""
-    attn = mha_attention(block.attn, block.ln_1(x), step_log_size(step, sizes), step)
-    x = x + block.ls_1(attn.out)
+    """One open_clip ``ResidualAttentionBlock`` with token reduction (after the attention residual).
+
+    The attention is called through ``block.attn.__call__`` with ``(x, x, x)`` as open_clip calls
+    it, so its hooks fire (:mod:`tokenslim.adapters.calls`)."""
+    y = block.ln_1(x)
+    out, attn = call_through(block.attn, _attention_call, y, step_log_size(step, sizes), step, inputs=(y, y, y))
+    x = x + block.ls_1(out[0])
     x, sizes, source = reduce_step(x, attn, sizes, source, step)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, sizes, source
@@ -81,11 +92,15 @@ class TokenSlimTransformer(nn.Module):
             has_dropped = plan.dropped[i]
             if source is None and not step.reduces:
                 x = block(x)
-            elif checkpointing:
-                x, sizes, source = torch.utils.checkpoint.checkpoint(
-                    reducing_block, block, x, sizes, source, step, use_reentrant=False)
             else:
-                x, sizes, source = reducing_block(block, x, sizes, source, step)
+                check_reducible(i, block, getattr(block, "attn", None), *_supported(),
+                                "open_clip's ResidualAttentionBlock with nn.MultiheadAttention")
+                # Through block.__call__, so the block's hooks fire (tokenslim.adapters.calls).
+                if checkpointing:
+                    x, sizes, source = torch.utils.checkpoint.checkpoint(
+                        call_through, block, reducing_block, x, sizes, source, step, use_reentrant=False)
+                else:
+                    x, sizes, source = call_through(block, reducing_block, x, sizes, source, step)
             if i in take:
                 taken.append(x if source is None else unmerge(x, source, has_dropped))
         # open_clip applies ln_post after the transformer, per token (or only to the pooled token):
@@ -134,10 +149,21 @@ def _patched_transformer() -> type:
     return _PATCHED[Transformer]
 
 
+def _supported() -> Tuple[Tuple[type, ...], Tuple[type, ...]]:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    return (ResidualAttentionBlock,), (nn.MultiheadAttention,)
+
+
 def __getattr__(name: str) -> type:
-    """The patched class by name, made on demand, so ``pickle`` can load a saved patched model."""
+    """The patched classes by name, made on demand, so ``pickle`` can load a saved patched model."""
     if name == "TokenSlimOpenCLIPTransformer":
         return _patched_transformer()
+    if name.startswith("TokenSlim"):
+        blocks, attentions = _supported()
+        hooked = hooked_by_name(name, blocks + attentions, __name__)
+        if hooked is not None:
+            return hooked
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -172,7 +198,7 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
     if not transformer.batch_first:
         raise TypeError("tokenslim supports batch-first open_clip towers only (open_clip 3.x builds them so)")
     for i, block in enumerate(transformer.resblocks):
-        if type(block) is not ResidualAttentionBlock or not block.attn.batch_first:
+        if base_class(type(block)) is not ResidualAttentionBlock or not block.attn.batch_first:
             raise TypeError(f"tokenslim cannot patch block {i} of type {type(block).__qualname__}: only open_clip's "
                             "ResidualAttentionBlock (nn.MultiheadAttention) is supported")
     pools_patches = tower.attn_pool is not None or tower.pool_type != "tok"
@@ -180,6 +206,9 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
                                   **settings)
     transformer.__class__ = _patched_transformer()
     transformer.tokenslim = reduction
+    for block in transformer.resblocks:
+        hook_module(block, __name__)
+        hook_module(block.attn, __name__)
     model.tokenslim = reduction
     if tower is not model:
         tower.tokenslim = reduction
@@ -200,6 +229,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     originals = {v: k for k, v in _PATCHED.items()}
     for module in _patched_modules(model):
         module.__class__ = originals[type(module)]
+        unhook_all(module)
     for module in model.modules():
         if "tokenslim" in module.__dict__:
             del module.tokenslim

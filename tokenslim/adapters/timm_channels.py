@@ -24,6 +24,7 @@ from timm.layers.mlp import GluMlp, Mlp, SwiGLU
 from torch import nn
 
 from ..ops.masks import kept_channels, kept_heads, top_mask
+from .calls import base_class
 from .timm_vit import HEAD_MASK_BUFFER as HEAD_BUFFER
 from ..patching import adapter_for
 from .timm_vit import _check_supported as _check_timm_vit
@@ -98,7 +99,7 @@ def _fc1_rows(mlp: nn.Module) -> List[nn.Linear]:
 
 
 def _is_eva_block(block: nn.Module) -> bool:
-    return type(block).__module__ == "timm.models.eva"
+    return base_class(type(block)).__module__ == "timm.models.eva"
 
 
 def mlp_prunable(model: nn.Module) -> bool:

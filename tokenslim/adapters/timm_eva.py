@@ -12,7 +12,9 @@ table must follow the tokens:
 
 The design follows :mod:`tokenslim.adapters.timm_vit`: the model's class is swapped for a subclass
 that overrides ``forward``, ``forward_features`` and ``forward_intermediates``; blocks run as timm's
-own until the first reduction (so ``r=0`` is the unpatched computation); per-call state is local.
+own until the first reduction (so ``r=0`` is the unpatched computation); reducing blocks and their
+attention are still called as modules, so hooks fire (:mod:`tokenslim.adapters.calls`); per-call
+state is local.
 The ToMe similarity is measured on the keys before rotation (their content), so two patches that
 look alike match wherever they are; the rotation is then the treatment's business.
 """
@@ -36,6 +38,7 @@ from ..ops.positions import grid_positions, token_positions
 from ..ops.rope import affine_angles, check_affine, is_local, reduced_rotary, rotation_of
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
+from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
 from .timm_vit import MergeTrace, check_timm_version
 
 SUPPORTED_BLOCKS = (EvaBlock, EvaBlockPostNorm)
@@ -113,6 +116,13 @@ def attention_forward(
     return res._replace(out=attn.proj_drop(attn.proj(y)), metric=metric)
 
 
+def _attention_call(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor], log_size: Optional[torch.Tensor],
+                    step: BlockStep) -> Tuple[torch.Tensor, AttentionResult]:
+    res = attention_forward(attn, x, rope, log_size, return_metric=step.wants_metric,
+                            return_cls_attn=step.wants_cls_attn, return_value_score=step.wants_value_score)
+    return res.out, res
+
+
 def reducing_block(
     block: nn.Module,
     x: torch.Tensor,
@@ -128,15 +138,12 @@ def reducing_block(
     ``grid`` (original token positions) restricts merging to spatial neighbours when given.
     """
     post_norm = isinstance(block, EvaBlockPostNorm)
-    attn = attention_forward(
-        block.attn, x if post_norm else block.norm1(x), rope, step_log_size(step, sizes),
-        return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
-        return_value_score=step.wants_value_score,
-    )
+    out, attn = call_through(block.attn, _attention_call, x if post_norm else block.norm1(x), rope,
+                             step_log_size(step, sizes), step)
     if post_norm:
-        x = x + block.drop_path1(block.norm1(attn.out))
+        x = x + block.drop_path1(block.norm1(out))
     else:
-        y = attn.out if block.gamma_1 is None else block.gamma_1 * attn.out
+        y = out if block.gamma_1 is None else block.gamma_1 * out
         x = x + block.drop_path1(y)
     x, sizes, source = reduce_step(x, attn, sizes, source, step, grid)
     if post_norm:
@@ -252,12 +259,14 @@ class TokenSlimEva(Eva):
                 _check_block(i, block)
                 reduced = True
                 table = rotary.reduced(i, source, x.shape[1])
+                # Through block.__call__, so the block's hooks fire (tokenslim.adapters.calls).
                 if checkpointing:
                     x, sizes, source = torch.utils.checkpoint.checkpoint(
-                        reducing_block, block, x, sizes, source, step, table, rotary.local_grid(),
+                        call_through, block, reducing_block, x, sizes, source, step, table, rotary.local_grid(),
                         use_reentrant=False)
                 else:
-                    x, sizes, source = reducing_block(block, x, sizes, source, step, table, rotary.local_grid())
+                    x, sizes, source = call_through(block, reducing_block, x, sizes, source, step, table,
+                                                    rotary.local_grid())
             if take_indices is not None and i in take_indices:
                 taken.append((x, source, has_dropped))
         return x, sizes, source, has_dropped, taken
@@ -326,11 +335,8 @@ class TokenSlimEva(Eva):
 
 
 def _check_block(i: int, block: nn.Module) -> None:
-    if type(block) not in SUPPORTED_BLOCKS or type(block.attn) not in SUPPORTED_ATTENTION:
-        raise TypeError(
-            f"block {i} is now a {type(block).__qualname__} with {type(block.attn).__qualname__} attention: it was "
-            "replaced after tokenslim.patch, and token reduction supports timm's EvaBlock / EvaBlockPostNorm with "
-            "EvaAttention / AttentionRope only. Restore the block, or tokenslim.unpatch(model) to run it unreduced")
+    check_reducible(i, block, getattr(block, "attn", None), SUPPORTED_BLOCKS, SUPPORTED_ATTENTION,
+                    "timm's EvaBlock / EvaBlockPostNorm with EvaAttention / AttentionRope")
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -340,10 +346,10 @@ def _check_supported(model: nn.Module) -> None:
     if not isinstance(model.blocks, nn.ModuleList) or len(model.blocks) == 0:
         raise TypeError("tokenslim expects model.blocks to be a non-empty nn.ModuleList of timm EvaBlocks")
     for i, block in enumerate(model.blocks):
-        if type(block) not in SUPPORTED_BLOCKS:
+        if base_class(type(block)) not in SUPPORTED_BLOCKS:
             raise TypeError(f"tokenslim cannot patch block {i} of type {type(block).__qualname__}: only timm's "
                             "EvaBlock and EvaBlockPostNorm are supported")
-        if type(block.attn) not in SUPPORTED_ATTENTION:
+        if base_class(type(block.attn)) not in SUPPORTED_ATTENTION:
             raise TypeError(f"tokenslim cannot patch the attention of block {i}, of type "
                             f"{type(block.attn).__qualname__}: only EvaAttention and AttentionRope are supported")
         if block.attn.num_prefix_tokens != model.num_prefix_tokens:
@@ -405,6 +411,9 @@ def patch(
         _check_rope_table(model)
     model.tokenslim = settings
     model.__class__ = TokenSlimEva
+    for block in model.blocks:
+        hook_module(block, __name__)
+        hook_module(block.attn, __name__)
     return model
 
 
@@ -426,7 +435,16 @@ def unpatch(model: nn.Module) -> nn.Module:
     if type(model) is TokenSlimEva:
         model.__class__ = Eva
         del model.tokenslim
+        unhook_all(model)
     return model
+
+
+def __getattr__(name: str) -> type:
+    """The hooked block and attention classes by name, for ``pickle`` in a fresh process."""
+    found = hooked_by_name(name, SUPPORTED_BLOCKS + SUPPORTED_ATTENTION, __name__)
+    if found is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return found
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -4,9 +4,10 @@ Design:
 
 * The model's class is swapped for a subclass (:class:`TokenSlimVisionTransformer`, or the
   distilled variant) that overrides ``forward_features`` and ``forward_intermediates`` only.
-  Blocks and attention modules are left as they are; the patched forward runs their sub-modules
-  through :func:`reducing_block`, so ``state_dict`` keys, ``load_state_dict``, ``deepcopy`` and
-  pickling are untouched.
+  Blocks and attention modules keep their weights; their classes get a thin subclass
+  (:mod:`tokenslim.adapters.calls`) so that the patched forward calls each of them as a module
+  with :func:`reducing_block`'s work: forward hooks and pre-hooks fire, and ``state_dict`` keys,
+  ``load_state_dict``, ``deepcopy`` and pickling are untouched.
 * Per-call state (sizes, source map) is passed from block to block as local values, never stored
   on modules: two threads can share a model and ``torch.compile`` sees no side effects.
 * Until the first reduction a block runs as timm's own ``Block.forward``: with nothing to reduce
@@ -31,6 +32,7 @@ from torch import nn
 
 from ..ops import unmerge
 from ..ops.attention import AttentionResult, reducing_attention
+from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
 from ..input_size import resolve_img_size
@@ -102,6 +104,13 @@ def attention_forward(
     return res._replace(out=attn.proj_drop(attn.proj(y)))
 
 
+def _attention_call(attn: Attention, x: torch.Tensor, log_size: Optional[torch.Tensor],
+                    step: BlockStep) -> Tuple[torch.Tensor, AttentionResult]:
+    res = attention_forward(attn, x, log_size, return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
+                            return_value_score=step.wants_value_score)
+    return res.out, res
+
+
 def reducing_block(
     block: Block,
     x: torch.Tensor,
@@ -116,15 +125,14 @@ def reducing_block(
     ``ls1``/``ls2``, ``drop_path1``/``drop_path2`` and every attention sub-module are applied as
     timm applies them.
 
+    The attention runs through ``block.attn.__call__`` (:func:`~tokenslim.adapters.calls.call_through`),
+    so its hooks fire; its output as the hooks leave it is the residual branch.
+
     Returns:
         ``(tokens, sizes, source)`` after the block.
     """
-    attn = attention_forward(
-        block.attn, block.norm1(x), step_log_size(step, sizes),
-        return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
-        return_value_score=step.wants_value_score,
-    )
-    x = x + block.drop_path1(block.ls1(attn.out))
+    out, attn = call_through(block.attn, _attention_call, block.norm1(x), step_log_size(step, sizes), step)
+    x = x + block.drop_path1(block.ls1(out))
     x, sizes, source = reduce_step(x, attn, sizes, source, step)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, sizes, source
@@ -197,19 +205,16 @@ class _TokenSlimMixin:
                 else:
                     x = block(x, attn_mask=attn_mask, is_causal=is_causal)
             else:
-                if type(block) not in SUPPORTED_BLOCKS or type(block.attn) not in SUPPORTED_ATTENTION:
-                    raise TypeError(
-                        f"block {i} is now a {type(block).__qualname__} with {type(block.attn).__qualname__} "
-                        "attention: it was replaced after tokenslim.patch, and token reduction supports timm's Block "
-                        "with Attention only. Restore the block, or tokenslim.unpatch(model) to run it unreduced"
-                    )
+                check_reducible(i, block, getattr(block, "attn", None), SUPPORTED_BLOCKS, SUPPORTED_ATTENTION,
+                                "timm's Block with Attention")
                 reduced = True
+                # Through block.__call__, so the block's hooks fire (tokenslim.adapters.calls).
                 if checkpointing:
                     x, sizes, source = torch.utils.checkpoint.checkpoint(
-                        reducing_block, block, x, sizes, source, step, use_reentrant=False
+                        call_through, block, reducing_block, x, sizes, source, step, use_reentrant=False
                     )
                 else:
-                    x, sizes, source = reducing_block(block, x, sizes, source, step)
+                    x, sizes, source = call_through(block, reducing_block, x, sizes, source, step)
                 if not track_source:
                     source = None  # composing it is all the cost: a block's own map comes free
             if take_indices is not None and i in take_indices:
@@ -341,13 +346,13 @@ def _check_supported(model: nn.Module) -> None:
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise TypeError("tokenslim expects model.blocks to be a non-empty nn.Sequential of timm Blocks")
     for i, block in enumerate(blocks):
-        if type(block) not in SUPPORTED_BLOCKS:
+        if base_class(type(block)) not in SUPPORTED_BLOCKS:
             raise TypeError(
                 f"tokenslim cannot patch block {i} of type {type(block).__module__}.{type(block).__qualname__}: "
                 "only timm.models.vision_transformer.Block is supported (ResPostBlock, ParallelScalingBlock, "
                 "ParallelThingsBlock and other block types are refused)"
             )
-        if type(block.attn) not in SUPPORTED_ATTENTION:
+        if base_class(type(block.attn)) not in SUPPORTED_ATTENTION:
             raise TypeError(
                 f"tokenslim cannot patch the attention of block {i}, of type "
                 f"{type(block.attn).__module__}.{type(block.attn).__qualname__}: only "
@@ -427,6 +432,9 @@ def patch(
     )
     model.tokenslim = settings
     model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
+    for block in model.blocks:
+        hook_module(block, __name__)
+        hook_module(block.attn, __name__)
     return model
 
 
@@ -436,7 +444,16 @@ def unpatch(model: nn.Module) -> nn.Module:
     if cls in _ORIGINAL_CLASSES:
         model.__class__ = _ORIGINAL_CLASSES[cls]
         del model.tokenslim
+        unhook_all(model)
     return model
+
+
+def __getattr__(name: str) -> type:
+    """The hooked block and attention classes by name, for ``pickle`` in a fresh process."""
+    found = hooked_by_name(name, SUPPORTED_BLOCKS + SUPPORTED_ATTENTION, __name__)
+    if found is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return found
 
 
 def is_patched(model: nn.Module) -> bool:
