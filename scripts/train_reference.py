@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         p.error(f"--init-from {args.init_from}: no such file")
     model_kwargs = dict(img_size=32, patch_size=4, embed_dim=args.embed_dim, depth=args.depth,
                         num_heads=args.heads, num_classes=len(CLASSES), **extra_args)
-    data_config = dict(input_size=(3, 32, 32), mean=MEAN, std=STD, crop_pct=1.0, crop_mode="center",
+    data_config = dict(input_size=(3, 32, 32), mean=MEAN, std=STD, crop_pct=1.0, crop_mode="center", label_names=CLASSES,
                        interpolation="bicubic", num_classes=len(CLASSES))
     recipe = {k: v for k, v in vars(args).items()
               if k not in ("out", "state", "max_minutes", "threads", "data", "epochs")}

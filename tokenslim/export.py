@@ -145,6 +145,11 @@ def export(
     check_exportable(model)
     if not dynamic_batch:
         check_batches = [example.shape[0]]
+    elif example.shape[0] < 2:
+        # torch.export specialises a dimension whose example size is 1: the graph would take batch 1 only.
+        raise ValueError(f"an example batch of {example.shape[0]} fixes the exported graph at that batch; trace "
+                         "with a batch of 2 or more (--example-batch 2), or fix the batch on purpose "
+                         "(dynamic_batch=False, --static-batch)")
     meta = dict(metadata or metadata_of(model))
     model = model.eval()
     folder = os.path.dirname(os.path.abspath(path))
@@ -163,20 +168,31 @@ def export(
             program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
             torch.export.save(program, path, extra_files={METADATA_KEY: json.dumps(meta)})
     result = ExportResult(path, format, metadata=meta)
-    runner = load(path)
-    for b in check_batches:
-        x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b), dtype=example.dtype)
-        with torch.no_grad():
-            want = model(x).float()
-            got = runner(x).float()
-        result.max_abs_diff[b] = float((got - want).abs().max())
+    try:
+        runner = load(path)
+        for b in check_batches:
+            x = torch.randn(b, *example.shape[1:], generator=torch.Generator().manual_seed(b), dtype=example.dtype)
+            with torch.no_grad():
+                want = model(x).float()
+                got = runner(x).float()
+            result.max_abs_diff[b] = float((got - want).abs().max())
+    except Exception as e:
+        _remove_export(path)  # a file that failed its own check is never left behind
+        raise ValueError(f"the exported {format} model could not be checked against the eager one "
+                         f"({type(e).__name__}: {str(e)[:300]}); nothing was kept") from e
     worst = max(result.max_abs_diff.values())
     if not worst <= tolerance:
-        os.remove(path)
+        _remove_export(path)
         raise ValueError(f"the exported {format} model differs from the eager one by {worst:.3g} (> {tolerance}) at "
                          f"batch sizes {dict(result.max_abs_diff)}; nothing was kept. Please report the setting "
                          f"{meta.get('settings')}")
     return result
+
+
+def _remove_export(path: str) -> None:
+    for p in (path, path + ".data"):
+        if os.path.exists(p):
+            os.remove(p)
 
 
 def _write_onnx_metadata(path: str, meta: Dict[str, Any]) -> None:
@@ -186,7 +202,16 @@ def _write_onnx_metadata(path: str, meta: Dict[str, Any]) -> None:
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
-    onnx.save(proto, path)
+    # One self-contained file: the exporter's external .onnx.data is folded back in (models under
+    # ONNX's 2 GB protobuf limit need none), so no unused weights file is left beside it.
+    onnx.save(proto, path, save_as_external_data=False)
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")
+
+
+def _not_an_export(path: str, expected: str, why: str) -> ValueError:
+    return ValueError(f"{path} is not {expected} ({why}); give the model.onnx that tokenslim export wrote, "
+                      "or export again")
 
 
 def read_metadata(path: str) -> Dict[str, Any]:
@@ -197,7 +222,11 @@ def read_metadata(path: str) -> Dict[str, Any]:
         _require_onnx()
         import onnx
 
-        proto = onnx.load(path, load_external_data=False)
+        try:
+            proto = onnx.load(path, load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends: truncated, or not ONNX at all
+            raise _not_an_export(path, "a readable ONNX model", f"{type(e).__name__}: {str(e)[:120] or 'cannot parse'}"
+                                 "; truncated, or another kind of file") from None
         for entry in proto.metadata_props:
             if entry.key == METADATA_KEY:
                 return json.loads(entry.value)
@@ -226,16 +255,37 @@ class OnnxModel(nn.Module):
         # (the interleaved timer's other models, the data loader).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.metadata = read_metadata(path)
+        if not path.endswith(".onnx"):
+            raise _not_an_export(path, "an ONNX model", "its name does not end in .onnx; a .pt2 program is loaded "
+                                 "with tokenslim.export.load")
+        self.metadata = read_metadata(path)  # first: a file that is not ONNX is named, not a runtime traceback
+        try:
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  onnxruntime raises its own exception types
+            raise _not_an_export(path, "an ONNX model ONNX Runtime can run", f"{type(e).__name__}: "
+                                 f"{str(e)[:200]}") from None
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.static_batch: Optional[int] = first.shape[0] if isinstance(first.shape[0], int) else None
         config = dict(self.metadata.get("data_config") or {})
         self.pretrained_cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
         self.num_classes = config.get("num_classes")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().to("cpu", torch.float32).contiguous().numpy()})[0]
-        return torch.from_numpy(out)
+        """Outputs for ``x``; a file exported with a fixed batch runs ``x`` in chunks of that batch
+        (the last one padded), so evaluation takes any batch size."""
+        x = x.detach().to("cpu", torch.float32).contiguous()
+        b = self.static_batch
+        if b is None or x.shape[0] == b:
+            return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+        outs = []
+        for start in range(0, x.shape[0], b):
+            chunk = x[start:start + b]
+            n = chunk.shape[0]
+            if n < b:
+                chunk = torch.cat([chunk, chunk[-1:].expand(b - n, *chunk.shape[1:])])
+            outs.append(torch.from_numpy(self.session.run(None, {self.input_name: chunk.contiguous().numpy()})[0])[:n])
+        return torch.cat(outs)
 
     def __getstate__(self):
         raise TypeError("an ONNX Runtime session cannot be pickled; use num_workers=0 or load it in each process")

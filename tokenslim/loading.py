@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 CHECKPOINT_FORMAT = "tokenslim-checkpoint-v1"
-DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes")
+DATA_CONFIG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes",
+                    "label_names")
 
 
 def save_checkpoint(
@@ -36,7 +37,8 @@ def save_checkpoint(
         path: output file.
         model_name: timm model name to rebuild with ``timm.create_model``.
         model_kwargs: constructor overrides (e.g. ``img_size``, ``num_classes``).
-        data_config: evaluation data config: ``input_size``, ``mean``, ``std``, ``crop_pct``, ...
+        data_config: evaluation data config: ``input_size``, ``mean``, ``std``, ``crop_pct``, ...,
+            and ``label_names`` (class names in index order: class folders are then matched by name).
         extra: anything else worth keeping (training recipe, accuracy).
         settings: token-reduction settings text (e.g. ``"r=8,method=diffrate"``) that loading
             applies with :func:`tokenslim.patch`: a model tuned or recovered under a reduction is

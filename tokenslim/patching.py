@@ -126,6 +126,7 @@ def patch(
             raise ValueError("this model already carries channel pruning, which patch applies once; use "
                              "tokenslim.prune_channels(model, ...) and materialize(model) to prune further")
         apply_channel_setting(model, heads_pruned, mlp_pruned, criterion, materialize)
+        model.tokenslim_pruned_by_patch = True  # unpatch cannot give these weights back (see unpatch)
     kwargs = {"rope": rope} if hasattr(adapter, "has_rope") else {}
     return adapter.patch(
         model, r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned, prop_attn=prop_attn,
@@ -133,8 +134,22 @@ def patch(
     )
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Restore the original classes and behaviour of a patched model (a no-op if not patched)."""
+def unpatch(model: nn.Module, keep_channels: bool = False) -> nn.Module:
+    """Restore the original classes and behaviour of a patched model (a no-op if not patched).
+
+    Token reduction is undone exactly. Channel pruning applied by :func:`patch` (``heads_pruned`` /
+    ``mlp_pruned``) removed weights, which cannot be given back: such a model is refused unless
+    ``keep_channels=True``, which removes token reduction and keeps the smaller layers.
+
+    Raises:
+        ValueError: the model's channels were pruned by :func:`patch` and ``keep_channels`` is False.
+    """
+    if model.__dict__.get("tokenslim_pruned_by_patch") and not keep_channels:
+        raise ValueError("this model's channels were pruned by tokenslim.patch (heads_pruned / mlp_pruned), which "
+                         "removed weights that unpatch cannot give back. To keep the original, patch a copy: "
+                         "tokenslim.patch(copy.deepcopy(model), ...). To drop only the token reduction and keep "
+                         "the smaller layers: tokenslim.unpatch(model, keep_channels=True)")
+    model.__dict__.pop("tokenslim_pruned_by_patch", None)
     return adapter_for(model).unpatch(model)
 
 

@@ -122,9 +122,10 @@ def apply_setting(model: nn.Module, setting: Dict[str, Any]) -> nn.Module:
     if channel:
         apply_channel_setting(model, channel.get("heads_pruned", 0.0), channel.get("mlp_pruned", 0.0),
                               channel.get("criterion", "l2"), channel.get("materialize", True))
-    if not patch_kwargs:
-        return unpatch(model)
-    return patch(model, **patch_kwargs)
+    model = unpatch(model, keep_channels=True) if not patch_kwargs else patch(model, **patch_kwargs)
+    if channel:
+        model.tokenslim_pruned_by_patch = True  # unpatch cannot give the removed weights back
+    return model
 
 
 def check_setting(model: nn.Module, setting: Dict[str, Any], text: Optional[str] = None) -> None:

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from .evaluate import evaluate
 from .fingerprint import check_same_run, fingerprint
-from .journal import append_jsonl, read_jsonl
+from .journal import append_jsonl, read_jsonl, remove_journal
 from .measure.table import format_number, benchmark_settings
 from .spec import apply_setting, format_setting, parse_setting
 
@@ -57,7 +57,8 @@ def dedupe_settings(settings: Sequence[str]) -> Tuple[List[str], List[str]]:
     return names, duplicates
 
 
-def read_rows(path: str, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+def read_rows(path: str, run: Dict[str, Any],
+              hint: str = "pass --fresh (fresh=True) to start over, or write to another --out") -> Dict[str, Dict[str, Any]]:
     """Finished rows of an earlier run of the same sweep in the JSONL file ``path``, by setting.
 
     Raises:
@@ -66,8 +67,7 @@ def read_rows(path: str, run: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """
     done: Dict[str, Dict[str, Any]] = {}
     for lineno, row in read_jsonl(path):
-        check_same_run(row.get("run"), run, f"{path}:{lineno}",
-                       "pass --fresh (fresh=True) to start over, or write to another --out")
+        check_same_run(row.get("run"), run, f"{path}:{lineno}", hint)
         done[row["setting"]] = row
     return done
 
@@ -110,8 +110,8 @@ def run_sweep(
     done: Dict[str, Dict[str, Any]] = {}
     if jsonl_path:
         os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
-        if fresh and os.path.exists(jsonl_path):
-            os.remove(jsonl_path)
+        if fresh:
+            remove_journal(jsonl_path)
         done = read_rows(jsonl_path, run)
         resumed = [n for n in names if n in done]
         if resumed:

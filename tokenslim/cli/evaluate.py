@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from typing import List
 
@@ -39,7 +38,7 @@ def format_eval(rows: List[dict]) -> str:
 def run_eval(args: argparse.Namespace) -> List[dict]:
     from ..evaluate import evaluate, init_from_env, open_dataset, resolve_transform, select
     from ..fingerprint import fingerprint
-    from ..journal import append_jsonl
+    from ..journal import append_jsonl, remove_journal
     from ..spec import apply_setting, parse_setting
     from ..sweep import read_rows
 
@@ -67,9 +66,9 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
     run = fingerprint(base, data, model=model_name, limit=args.limit, holdout=args.holdout, seed=args.seed,
                       precision=args.precision, data_config=config,
                       baseline=weights_digest(reference) if args.baseline else None)
-    if args.jsonl and args.fresh and info.is_main and os.path.exists(args.jsonl):
-        os.remove(args.jsonl)
-    done = read_rows(args.jsonl, run) if args.jsonl else {}
+    if args.jsonl and args.fresh and info.is_main:
+        remove_journal(args.jsonl)
+    done = read_rows(args.jsonl, run, "pass --fresh to start over, or give another --jsonl file") if args.jsonl else {}
     rows = []
     reference_logits = None
     common = dict(batch_size=args.eval_batch_size, num_workers=args.workers, device=args.device,
@@ -107,7 +106,7 @@ def _run_onnx_eval(args: argparse.Namespace) -> List[dict]:
     """``eval --onnx``: the exported model against the baseline exported beside it, in ONNX Runtime."""
     from ..evaluate import evaluate, open_dataset, resolve_transform, select
     from ..fingerprint import file_digest, fingerprint
-    from ..journal import append_jsonl
+    from ..journal import append_jsonl, remove_journal
     from ..sweep import read_rows
 
     if args.img_size or args.settings:
@@ -119,9 +118,9 @@ def _run_onnx_eval(args: argparse.Namespace) -> List[dict]:
     print(f"{model_name}: {len(data)} images from {args.data}, input {data_config['input_size']}", file=sys.stderr)
     run = fingerprint(None, data, model=model_name, onnx=file_digest(args.onnx), baseline=file_digest(base.path),
                       limit=args.limit, holdout=args.holdout, seed=args.seed)
-    if args.jsonl and args.fresh and os.path.exists(args.jsonl):
-        os.remove(args.jsonl)
-    done = read_rows(args.jsonl, run) if args.jsonl else {}
+    if args.jsonl and args.fresh:
+        remove_journal(args.jsonl)
+    done = read_rows(args.jsonl, run, "pass --fresh to start over, or give another --jsonl file") if args.jsonl else {}
     common = dict(batch_size=args.eval_batch_size, num_workers=args.workers, device="cpu", progress=not args.quiet)
     rows = []
     for name, m, ref in (("none", base, None), (setting, model, base)):

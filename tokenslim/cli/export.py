@@ -46,9 +46,13 @@ def run_export_cmd(args: argparse.Namespace):
     check_exportable(model)
     suffix = ".onnx" if args.format == "onnx" else ".pt2"
     paths = {"model": os.path.join(args.out, "model" + suffix), "baseline": os.path.join(args.out, "baseline" + suffix)}
+    import uuid
+
+    export_id = uuid.uuid4().hex  # pairs the two files: eval/benchmark --onnx refuse a baseline of another run
     results = {}
     for role, m, text in (("baseline", base, "none"), ("model", model, format_setting(setting))):
         meta = metadata_of(m, settings=text, baseline=os.path.basename(paths["baseline"]))
+        meta["export_id"] = export_id
         results[role] = export(m, example, paths[role], format=args.format, dynamic_batch=not args.static_batch,
                                opset=args.opset, metadata=meta)
         diffs = ", ".join(f"batch {b}: {d:.2e}" for b, d in results[role].max_abs_diff.items())

@@ -187,8 +187,28 @@ def load_onnx(args: argparse.Namespace):
         raise ValueError("--onnx runs in ONNX Runtime on the CPU; leave out --device")
     model = OnnxModel(args.onnx, threads=getattr(args, "threads", None))
     base = OnnxModel(baseline_path(args.onnx), threads=getattr(args, "threads", None))
+    check_onnx_pair(model, base)
     name = model.metadata.get("architecture") or "onnx"
     return model, base, f"{name} (ONNX Runtime)", model.metadata.get("settings") or "none"
+
+
+def check_onnx_pair(model, base) -> None:
+    """Refuse a baseline file that was not exported with the model file (another architecture, data
+    config or export run), naming both."""
+    a, b = model.metadata, base.metadata
+    problems = []
+    if a.get("architecture") != b.get("architecture"):
+        problems.append(f"architecture {a.get('architecture')} vs {b.get('architecture')}")
+    if a.get("export_id") and b.get("export_id") and a["export_id"] != b["export_id"]:
+        problems.append("written by different export runs")
+    if (a.get("data_config") or {}).get("input_size") != (b.get("data_config") or {}).get("input_size"):
+        problems.append(f"input size {(a.get('data_config') or {}).get('input_size')} vs "
+                        f"{(b.get('data_config') or {}).get('input_size')}")
+    if b.get("settings") not in (None, "none"):
+        problems.append(f"the baseline carries settings {b.get('settings')}")
+    if problems:
+        raise ValueError(f"{base.path} is not the baseline exported with {model.path} ({'; '.join(problems)}); "
+                         "export both again with tokenslim export into one folder")
 
 
 def load_model_and_settings(args: argparse.Namespace):

@@ -69,6 +69,14 @@ def _run_onnx_benchmark(args: argparse.Namespace) -> List[dict]:
         raise ValueError("--onnx times the setting, input size and precision the file was exported with; leave out "
                          "--settings, --img-size, --precision, --compile and --channels-last")
     model, base, name, setting = flags.load_onnx(args)
+    fixed = model.static_batch or base.static_batch
+    if fixed is not None:
+        if args.batch_size != fixed:
+            raise ValueError(f"{args.onnx} was exported with a fixed batch of {fixed}; time it with --batch-size "
+                             f"{fixed}, or export without --static-batch")
+        if not args.no_latency and fixed != 1:
+            raise ValueError(f"{args.onnx} takes batches of {fixed} only, so batch-1 latency cannot be timed; pass "
+                             "--no-latency, or export without --static-batch")
     result = compare({"none": base, setting: model}, baseline="none", batch_size=args.batch_size, rounds=args.rounds,
                      steps_per_round=args.steps_per_round, latency=not args.no_latency, device="cpu",
                      progress=None if args.quiet else flags.progress)
@@ -117,6 +125,10 @@ def run_macs(args: argparse.Namespace) -> None:
         else:
             with torch.device("meta"):  # counting needs shapes only: no weights are initialised
                 base = timm.create_model(name).eval()
+    from ..spec import check_setting
+
+    for text, setting in zip(["none"] + list(args.settings), settings):
+        check_setting(base, setting, text)  # every setting before the first row is printed
     print(f"{name}: {UNIT}")
     for setting in settings:
         model = apply_setting(copy.deepcopy(base), setting)

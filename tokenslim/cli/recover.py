@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import re
 from typing import List
@@ -69,6 +70,9 @@ def add_recover_args(p: argparse.ArgumentParser) -> None:
                            "state beside it (.state)"})
     p.add_argument("--state", default=None, metavar="FILE",
                    help="resume file of a single setting (default: the checkpoint's path + .state)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --out file that tokenslim recover did not write (an input of the "
+                        "run is never overwritten)")
 
 
 def _slug(text: str) -> str:
@@ -76,16 +80,47 @@ def _slug(text: str) -> str:
 
 
 def output_paths(args: argparse.Namespace, settings: List[str]) -> List[str]:
-    """The checkpoint each setting is recovered into (``--out FILE.pth`` is the old spelling)."""
+    """The checkpoint each setting is recovered into (``--out FILE.pth`` is the old spelling).
+
+    Raises:
+        ValueError: an output is one of the run's inputs (never overwritten), or an existing file
+            that ``recover`` did not write (unless ``--force``), named before any work.
+    """
     if args.out.endswith(".pth"):
         if len(settings) > 1:
             raise ValueError(f"--out {args.out} names one file for {len(settings)} settings; pass a folder")
         flags.check_output_file(args.out, "--out")
-        return [args.out]
-    flags.check_out_dir(args.out)
-    if len(settings) == 1:
-        return [os.path.join(args.out, "recovered.pth")]
-    return [os.path.join(args.out, f"recovered_{_slug(s)}.pth") for s in settings]
+        paths = [args.out]
+    else:
+        flags.check_out_dir(args.out)
+        if len(settings) == 1:
+            paths = [os.path.join(args.out, "recovered.pth")]
+        else:
+            paths = [os.path.join(args.out, f"recovered_{_slug(s)}.pth") for s in settings]
+    for path in paths:
+        _check_overwrite(args, path)
+    return paths
+
+
+def _check_overwrite(args: argparse.Namespace, path: str) -> None:
+    if not os.path.exists(path):
+        return
+    for flag in ("checkpoint", "teacher", "data", "val"):
+        source = getattr(args, flag, None)
+        if source and os.path.exists(source) and os.path.samefile(source, path):
+            raise ValueError(f"--out {path} is the --{flag} of this run; recovering would overwrite its own input. "
+                             "Write the recovered checkpoint to another file or folder")
+    if getattr(args, "force", False):
+        return
+    from ..loading import _read_tokenslim_checkpoint
+
+    try:
+        obj = _read_tokenslim_checkpoint(path)
+    except ValueError:
+        obj = None
+    if obj is None or "recovered_from" not in (obj.get("extra") or {}):
+        raise ValueError(f"--out {path} exists and is not a checkpoint tokenslim recover wrote; pass --force to "
+                         "overwrite it, or name another file")
 
 
 def run_recover_cmd(args: argparse.Namespace):
@@ -93,6 +128,10 @@ def run_recover_cmd(args: argparse.Namespace):
     from ..loading import load_baseline
     from ..spec import check_setting, format_setting, parse_setting
 
+    for flag in ("lr", "lr_base"):
+        value = getattr(args, flag)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive learning rate, got {value}")
     settings = [parse_setting(t) for t in args.settings]
     for text, setting in zip(args.settings, settings):
         if not setting:
@@ -191,9 +230,10 @@ def _recover_one(args, start, teacher, name, config, data, val, setting, path, s
         return result  # rank 0 alone writes the checkpoint
     token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
     identity = _checkpoint_identity(start, args)
+    label_names = (getattr(start, "pretrained_cfg", None) or {}).get("label_names")
     save_checkpoint(model, path, identity["name"], identity["kwargs"],
-                    {k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
-                     if k in config},
+                    {**{k: config[k] for k in ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+                        if k in config}, **({"label_names": list(label_names)} if label_names else {})},
                     extra={"recovered_from": format_setting(setting), "method": args.trainable, "steps": result.steps,
                            "augment": bool(args.augment), "hflip": bool(args.hflip), "mixup": args.mixup,
                            "ce_weight": args.ce_weight,

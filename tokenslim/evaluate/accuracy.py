@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist_utils
-from .data import check_labels
+from .data import check_labels, match_classes
 from ..measure.benchmark import resolve_precision
 
 
@@ -119,6 +119,7 @@ def evaluate(
         raise ValueError(f"the reference model has {ref_classes} classes and the model {num_classes}: "
                          "agreement and KL need the same classes")
     if isinstance(num_classes, int):
+        match_classes(data, model)
         check_labels(data, num_classes)
     if reference_logits is not None:
         if reference is not None:

@@ -19,7 +19,7 @@ import os
 import tarfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -104,11 +104,30 @@ class LabelFileDataset(Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
-class ImageFolderDataset(Dataset):
+class _ClassFolders(Dataset):
+    """Class-folder data sets: labels are the sorted folder names' positions until
+    :func:`match_classes` gives them the model's class indices."""
+
+    classes: List[str]
+
+    def set_class_indices(self, indices: Sequence[int]) -> None:
+        """The images of ``classes[i]`` get label ``indices[i]`` (from the sorted positions, so repeatable)."""
+        if len(indices) != len(self.classes):
+            raise ValueError(f"{len(indices)} class indices for {len(self.classes)} classes")
+        self.class_indices = list(indices)
+
+    def _label(self, position: int) -> int:
+        indices = getattr(self, "class_indices", None)
+        return position if indices is None else indices[position]
+
+
+class ImageFolderDataset(_ClassFolders):
     """A folder of class folders (``<root>/<class>/<image>``); classes are the sorted folder names."""
 
     def __init__(self, root: str, transform: Optional[Callable] = None) -> None:
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        # Hidden folders (.ipynb_checkpoints, .git, ...) are tool litter, not classes.
+        self.classes = sorted(d for d in os.listdir(root)
+                              if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
         self.samples: List[Tuple[str, int]] = []
         for index, cls in enumerate(self.classes):
             for folder, _, files in sorted(os.walk(os.path.join(root, cls))):
@@ -119,7 +138,7 @@ class ImageFolderDataset(Dataset):
 
     @property
     def targets(self) -> List[int]:
-        return [t for _, t in self.samples]
+        return [self._label(t) for _, t in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -127,10 +146,10 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         img = decode_image(path, path)
-        return (self.transform(img) if self.transform else img), target
+        return (self.transform(img) if self.transform else img), self._label(target)
 
 
-class TarImageFolder(Dataset):
+class TarImageFolder(_ClassFolders):
     """Class folders inside an uncompressed ``.tar`` (random access by member offset, nothing unpacked)."""
 
     def __init__(self, path: str, transform: Optional[Callable] = None) -> None:
@@ -140,22 +159,16 @@ class TarImageFolder(Dataset):
                 members = [m for m in archive.getmembers() if m.isfile() and _is_image(m.name)]
         except (tarfile.TarError, EOFError, OSError) as e:
             raise ValueError(f"cannot read the archive {path}: {e}. Is it a complete .tar file?") from None
-        entries = []
-        for m in members:
-            parts = m.name.strip("/").split("/")
-            if len(parts) >= 2:
-                entries.append((parts[-2], m))
-        if not entries:
-            raise ValueError(f"{path} holds no images in class folders (<class>/<image>)")
-        self.classes = sorted({c for c, _ in entries})
+        classes = _archive_classes(path, [m.name for m in members])
+        self.classes = sorted({c for c in classes if c is not None})
         index = {c: i for i, c in enumerate(self.classes)}
-        self._members = [(m, index[c]) for c, m in entries]
+        self._members = [(m, index[c]) for c, m in zip(classes, members) if c is not None]
         self.transform = transform
         self._archive = None
 
     @property
     def targets(self) -> List[int]:
-        return [t for _, t in self._members]
+        return [self._label(t) for _, t in self._members]
 
     def __len__(self) -> int:
         return len(self._members)
@@ -171,10 +184,10 @@ class TarImageFolder(Dataset):
             self._archive = tarfile.open(self.path, "r:")
         data = self._archive.extractfile(member).read()
         img = decode_image(data, f"{member.name} in {self.path}")
-        return (self.transform(img) if self.transform else img), target
+        return (self.transform(img) if self.transform else img), self._label(target)
 
 
-class TarGzImageFolder(Dataset):
+class TarGzImageFolder(_ClassFolders):
     """Class folders inside a ``.tar.gz`` archive (``<root>/<class>/<image>``), read into memory once.
 
     Gzip streams cannot be read at random offsets, so the archive is decompressed in one pass and
@@ -182,28 +195,24 @@ class TarGzImageFolder(Dataset):
     """
 
     def __init__(self, path: str, transform: Optional[Callable] = None) -> None:
-        entries: List[Tuple[str, str, bytes]] = []
+        entries: List[Tuple[str, bytes]] = []
         try:
             with tarfile.open(path, "r:gz") as archive:
                 for member in archive:
                     if member.isfile() and _is_image(member.name):
-                        parts = member.name.strip("/").split("/")
-                        if len(parts) < 2:
-                            continue  # an image at the archive root has no class folder
-                        entries.append((parts[-2], member.name, archive.extractfile(member).read()))
+                        entries.append((member.name, archive.extractfile(member).read()))
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise ValueError(f"cannot read the archive {path}: {type(e).__name__}: {e}. Is the download complete?") from None
-        if not entries:
-            raise ValueError(f"{path} holds no images in class folders (<class>/<image>)")
+        classes = _archive_classes(path, [name for name, _ in entries])
         self.path = path
-        self.classes = sorted({c for c, _, _ in entries})
+        self.classes = sorted({c for c in classes if c is not None})
         index = {c: i for i, c in enumerate(self.classes)}
-        self._items = [(name, data, index[c]) for c, name, data in entries]
+        self._items = [(name, data, index[c]) for c, (name, data) in zip(classes, entries) if c is not None]
         self.transform = transform
 
     @property
     def targets(self) -> List[int]:
-        return [t for _, _, t in self._items]
+        return [self._label(t) for _, _, t in self._items]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -211,7 +220,32 @@ class TarGzImageFolder(Dataset):
     def __getitem__(self, i: int):
         name, data, target = self._items[i]
         img = decode_image(data, f"{name} in {self.path}")
-        return (self.transform(img) if self.transform else img), target
+        return (self.transform(img) if self.transform else img), self._label(target)
+
+
+def _archive_classes(path: str, names: Sequence[str]) -> List[Optional[str]]:
+    """The class folder of every image path inside an archive (``None``: not in a class folder),
+    read exactly as the same files in a folder given as ``--data`` are read.
+
+    An archive with one top-level folder is that folder (``tar czf test.tar.gz test``): its
+    sub-folders are the classes. Images directly in the root are skipped, as a folder's loose
+    files are, and hidden folders (``.ipynb_checkpoints``) are not classes.
+
+    Raises:
+        ValueError: no image sits in a class folder (e.g. all images in one folder), naming the archive.
+    """
+    parts = [n.strip("/").split("/") for n in names]
+    tops = {p[0] for p in parts if len(p) > 1}
+    depth = 1 if len(tops) == 1 and not any(len(p) == 1 for p in parts) else 0
+    classes: List[Optional[str]] = []
+    for p in parts:
+        folders = p[depth:-1]
+        classes.append(folders[0] if folders and not any(f.startswith(".") for f in folders) else None)
+    if not any(c is not None for c in classes):
+        raise ValueError(f"{path} holds no images in class folders (<class>/<image>, optionally under one top "
+                         "folder), as a folder given as --data must; put the images in class folders, or list them "
+                         "in a label file")
+    return classes
 
 
 def open_dataset(path: str, transform: Optional[Callable] = None) -> Dataset:
@@ -240,6 +274,64 @@ def dataset_targets(data: Dataset) -> Optional[List[int]]:
         return None if inner is None else [inner[i] for i in data.indices]
     targets = getattr(data, "targets", None)
     return list(targets) if targets is not None else None
+
+
+def model_class_names(model: torch.nn.Module) -> Tuple[Optional[List[str]], bool]:
+    """The model's class names in index order, and whether the model itself carries them.
+
+    Carried: timm's ``pretrained_cfg["label_names"]`` (a tokenslim checkpoint saved with class
+    names sets it). Otherwise timm's ImageNet synsets where the class count is an ImageNet
+    subset's (1000, 11821, 21841, ...): a guess, used only when the folders are synsets.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names") if isinstance(cfg, dict) else getattr(cfg, "label_names", None)
+    if names:
+        return [str(n) for n in names], True
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(model)
+        return (list(ImageNetInfo(subset).label_names()) if subset else None), False
+    except Exception:  # noqa: BLE001  an unknown subset: no names
+        return None, False
+
+
+def match_classes(data: Dataset, model: torch.nn.Module, source: str = "the data") -> None:
+    """Give a class-folder data set the model's class indices by name, or refuse it before any work.
+
+    A folder set is read as the model's classes in sorted order (ImageFolder's rule) only when it
+    has exactly the model's number of classes. Where the model has class names, folders are
+    matched to them by name (a subset of the classes works). Label files carry their indices and
+    are left alone.
+
+    Raises:
+        ValueError: folders that cannot be matched (a name the model does not have, or a different
+            number of folders than classes on a model without names), naming them.
+    """
+    base = data
+    while isinstance(base, Subset):
+        base = base.dataset
+    if not isinstance(base, _ClassFolders):
+        return
+    classes = base.classes
+    num_classes = getattr(model, "num_classes", None)
+    names, carried = model_class_names(model)
+    shown = ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else "")
+    if names:
+        index = {n: i for i, n in enumerate(names)}
+        unknown = [c for c in classes if c not in index]
+        if not unknown:
+            base.set_class_indices([index[c] for c in classes])
+            return
+        if carried:
+            raise ValueError(f"{source}: class folder(s) {', '.join(unknown[:6])} are not among the model's class "
+                             f"names ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}); rename the folders "
+                             "to the model's class names, or give a label file with its class indices")
+    if isinstance(num_classes, int) and num_classes > 0 and len(classes) != num_classes:
+        raise ValueError(f"{source}: {len(classes)} class folders ({shown}) for a model of {num_classes} classes that "
+                         "carries no class names, so folders cannot be matched to classes (sorted folder i would be "
+                         f"read as class i). Give all {num_classes} class folders, or a label file with the model's "
+                         "class indices")
 
 
 def check_labels(data: Dataset, num_classes: int, source: str = "the data") -> None:

@@ -39,6 +39,8 @@ flip) and :mod:`~tokenslim.recover.trainer` (the loop).
 """
 from __future__ import annotations
 
+import math
+
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -197,6 +199,8 @@ def recover(
         raise ValueError("steps, batch_size, save_every and accum must be >= 1")
     if not mixup >= 0:
         raise ValueError(f"mixup is the Beta parameter of the blend and must be >= 0 (0: off), got {mixup}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive learning rate, got {lr}")
     if not ce_weight >= 0:
         raise ValueError(f"ce_weight must be >= 0 (0: distillation alone), got {ce_weight}")
     if method.startswith("lora") and not (isinstance(lora_rank, int) and lora_rank >= 1):
@@ -213,6 +217,12 @@ def recover(
     streaming = isinstance(data, IterableDataset)
     if not streaming and len(data) == 0:
         raise ValueError("the training data is empty")
+    from ..evaluate.data import match_classes
+
+    if ce_weight > 0 and not streaming:
+        match_classes(data, model, "the training data")  # cross-entropy must not learn wrong labels
+    if val_data is not None:
+        match_classes(val_data, model, "the validation data")
     info = init_from_env()
     if info.is_main:
         _check_state_path(state_path)  # rank 0 alone writes it

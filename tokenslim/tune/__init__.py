@@ -48,6 +48,7 @@ killed run resumes where it stopped.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -131,8 +132,8 @@ def tune(
         raise ValueError(f"max_drop must be >= 0 points, got {max_drop}")
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
-    if budget_min <= 0:
-        raise ValueError(f"budget_min must be > 0, got {budget_min}")
+    if not (budget_min > 0 and math.isfinite(budget_min)):
+        raise ValueError(f"budget_min must be a finite number of minutes > 0, got {budget_min}")
     search = tuple(search)
     from ..adapters.timm_channels import mlp_prunable
 

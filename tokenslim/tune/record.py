@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..fingerprint import check_same_run
-from ..journal import append_jsonl, read_jsonl
+from ..journal import append_jsonl, read_jsonl, remove_journal
 
 
 @dataclass
@@ -79,8 +79,8 @@ class Journal:
         if path is None:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if fresh and os.path.exists(path):
-            os.remove(path)
+        if fresh:
+            remove_journal(path)
         for lineno, row in read_jsonl(path):
             check_same_run(row.get("run"), run, f"{path}:{lineno}",
                            "pass fresh=True (--fresh) to start over, or another output folder")
