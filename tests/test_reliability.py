@@ -145,7 +145,7 @@ def test_corrupt_image_in_a_folder_is_named_not_replaced(tmp_path):
     data = open_dataset(str(tmp_path / "data"), transform)
     assert len(data) == 3 and data.classes == ["a", "b"]
     with pytest.raises(ValueError, match="truncated.png"):
-        evaluate(make_model("vit"), data, num_workers=0, progress=False)
+        evaluate(make_model("vit", num_classes=2), data, num_workers=0, progress=False)  # two folders, two classes
 
 
 def test_truncated_archive_and_tar_members_are_named(tmp_path):

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 def _not_ours(raw: bytes) -> Optional[str]:
     """Why ``raw`` (a file's bytes) is not a journal of ours, or ``None`` if it is one.
 
-    Ours: UTF-8 text whose first line is a JSON object carrying a ``run`` fingerprint (or only the
-    start of one: a first write cut by a kill); empty files too."""
+    Ours: UTF-8 text whose first line is a JSON object (or only the start of one: a first write
+    cut by a kill); empty files too. Whose run it is, the fingerprint in each row says."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -31,8 +31,8 @@ def _not_ours(raw: bytes) -> Optional[str]:
             row = json.loads(first)
         except json.JSONDecodeError:
             return "its first line is not valid JSON"
-        if not isinstance(row, dict) or "run" not in row:
-            return "its first row carries no run fingerprint"
+        if not isinstance(row, dict):
+            return "its first line is not a JSON object"
     return None
 
 

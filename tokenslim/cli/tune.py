@@ -26,6 +26,14 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screen", type=int, default=None, metavar="N",
                    help="score every greedy option on N calibration images first and evaluate only the best 4 on "
                         "all (0: off; default: a quarter of them on deep models with >= 800 images)")
+    p.add_argument("--confirm", type=float, default=0.25, metavar="SHARE",
+                   help="share of the calibration images the search never sees; they decide at the end between its "
+                        "best settings and plain ToMe (0: off)")
+    p.add_argument("--finalists", type=int, default=3,
+                   help="search settings reaching the target that are confirmed against plain ToMe")
+    p.add_argument("--confirm-z", type=float, default=2.0, metavar="Z",
+                   help="a setting more invasive than plain ToMe must beat it on the confirmation images by more "
+                        "than Z standard errors of the paired KL difference")
     p.add_argument("--margin", type=float, default=0.03,
                    help="aim this share above --speedup, so an independent re-measurement still reaches it")
     flags.add(p, "batch_size", "eval_batch_size", "img_size", "rounds", "device", "precision", "workers", "threads",
@@ -76,6 +84,7 @@ def run_tune_cmd(args: argparse.Namespace):
         num_workers=args.workers, method_options=options, out_dir=args.out, fresh=args.fresh,
         progress=None if args.quiet else flags.progress, screen=args.screen,
         run_info={"model": name, "limit": args.limit, "seed": args.seed},
+        confirm=args.confirm, finalists=args.finalists, confirm_z=args.confirm_z, seed=args.seed,
     )
     b = result.best
     goal = f"target {result.target}x" if result.target else f"drop budget {result.max_drop} points"
@@ -84,12 +93,18 @@ def run_tune_cmd(args: argparse.Namespace):
     print(f"  {goal}; re-measured {b.throughput_ratio:.2f}x [{b.throughput_ratio_low:.2f}, {b.throughput_ratio_high:.2f}] "
           f"at batch {args.batch_size}; MAC ratio {b.mac_ratio:.2f}; agreement {b.agreement:.2f}%, KL {b.kl:.4f}{acc}; "
           f"{result.evaluated} settings evaluated, {result.seconds / 60:.1f} min")
+    if result.confirmation is not None:
+        print("  " + result.confirmation.summary())
     print("wrote " + ", ".join(result.files.values()))
     if result.reached is False:
         short = 100.0 * (1 - b.throughput_ratio / result.target)
+        remedy = ("Give a lower --speedup, a larger --budget-min or more --methods" if result.stopped_by_budget else
+                  f"The search ended within its budget without reaching it, so more --budget-min cannot help: "
+                  f"{b.throughput_ratio:.2f}x is about what this model, search space and device give; ask for a "
+                  "lower --speedup or widen --search")
         print(f"MISSED: the target was {result.target}x and the setting re-measures {b.throughput_ratio:.2f}x "
-              f"({short:.0f}% short); tune.json says \"reached\": false. Give a lower --speedup, a larger "
-              f"--budget-min or more --methods{'' if args.allow_miss else ', or --allow-miss to accept it'}")
+              f"({short:.0f}% short); tune.json says \"reached\": false. {remedy}"
+              f"{'' if args.allow_miss else ', or pass --allow-miss to accept it'}")
         if not args.allow_miss:
             raise SystemExit(3)
     return result

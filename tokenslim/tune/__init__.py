@@ -33,7 +33,12 @@ and a budget stop returns it rather than an unfinished point. On deep models (``
 walk starts from 75% of the incumbent's merges, scores options on a subset, repeats a step while
 it stays the cheapest, and refines between nearby blocks (:mod:`tokenslim.tune.search`).
 
-The method with the best fidelity at the target wins; it is re-measured once more. With
+The method with the best fidelity at the target wins; it is re-measured once more. With a speed
+target, a share of the calibration images (``confirm``, 25% by default) is split off before the
+search and never searched on: at the end, the search's best few settings that reach the aim and
+the incumbent are evaluated on it, and a setting more invasive than plain ToMe (a searched
+schedule, then pruning, then channels) is returned only when it is better there by more than
+``confirm_z`` standard errors of the paired KL difference (:mod:`tokenslim.tune.confirm`). With
 ``max_drop`` instead of ``speedup`` the greedy walk goes on while the drop (top-1 points when
 labels exist, else disagreement in percent) stays within the budget, and the fastest setting found
 is returned.
@@ -57,6 +62,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..fingerprint import fingerprint
+from .confirm import DEFAULT_FINALISTS, DEFAULT_SHARE, DEFAULT_Z, MIN_IMAGES, Confirmation, split_indices
 from .record import Candidate, Journal, TuneResult, candidates_png, write_outputs
 from .search import Search
 from .space import KEEP_LEVELS, SEARCH_SPACES
@@ -88,6 +94,10 @@ def tune(
     run_info: Optional[Dict[str, Any]] = None,
     screen: Optional[int] = None,
     incumbent: bool = True,
+    confirm: float = DEFAULT_SHARE,
+    finalists: int = DEFAULT_FINALISTS,
+    confirm_z: float = DEFAULT_Z,
+    seed: int = 0,
 ) -> TuneResult:
     """Find the most faithful setting that reaches ``speedup`` (or the fastest within ``max_drop``).
 
@@ -120,6 +130,14 @@ def tune(
         incumbent: first find, timed, the weakest plain ToMe schedule (constant ``r`` or the ramp)
             that reaches the target; the result is never worse on the calibration KL than it, and a
             search stopped by the budget returns it rather than an unfinished point.
+        confirm: share of the calibration images the search never sees: at the end they decide
+            between the search's ``finalists`` best settings that reach the target and the
+            incumbent (:mod:`tokenslim.tune.confirm`); a more invasive setting wins only when its
+            KL there is lower by more than ``confirm_z`` standard errors of the paired difference.
+            0 turns it off; it is skipped (and said) below
+            :data:`~tokenslim.tune.confirm.MIN_IMAGES` images. Speed targets only.
+        finalists, confirm_z: see ``confirm``.
+        seed: the seed of the confirmation split (the same seed, the same split; a rerun resumes it).
 
     Returns:
         A :class:`TuneResult`; ``result.setting`` is settings text.
@@ -145,6 +163,12 @@ def tune(
                              "tokenslim.prune_channels for the reason); search merge and/or prune")
         if progress is not None:
             progress("this model's MLPs cannot lose channels exactly: searching " + ", ".join(search))
+    if not 0 <= confirm < 1:
+        raise ValueError(f"confirm is the share of calibration images kept for confirmation, in [0, 1); got {confirm}")
+    if finalists < 1:
+        raise ValueError(f"finalists must be >= 1, got {finalists}")
+    if not (confirm_z >= 0 and math.isfinite(confirm_z)):
+        raise ValueError(f"confirm_z must be a finite number of standard errors >= 0, got {confirm_z}")
     if not 0 <= margin < 1:
         raise ValueError(f"margin must lie in [0, 1), got {margin}")
     aim = speedup * (1 + margin) if speedup is not None else None
@@ -168,23 +192,28 @@ def tune(
     run = fingerprint(model, data, target=speedup, max_drop=max_drop, methods=list(methods), step=step,
                       search=list(search), margin=margin, batch_size=batch_size, img_size=img_size,
                       precision=precision, rounds=rounds, method_options=method_options, **(run_info or {}))
+    search_data, confirm_data, why_not = _split(data, confirm if speedup is not None else 0.0, seed)
+    if why_not:
+        say(why_not)
+    run = {**run, "confirm": [confirm, finalists, confirm_z, seed] if confirm_data is not None else None}
     from .search import auto_screen
     from .space import Point, moves
 
     options = len(moves(Point.origin(len(model.blocks)), search, prune_ok, step))
-    screen = auto_screen(len(data), options) if screen is None else int(screen)
+    screen = auto_screen(len(search_data), options) if screen is None else int(screen)
     if screen < 0:
         raise ValueError(f"screen must be >= 0 images (0: off), got {screen}")
     run = {**run, "screen": screen, "incumbent": bool(incumbent)}
     journal = Journal(os.path.join(out_dir, "candidates.jsonl") if out_dir else None, run, fresh)
-    searcher = Search(model, data, journal, speedup, max_drop, aim, search, prune_ok, step, deadline,
+    searcher = Search(model, search_data, journal, speedup, max_drop, aim, search, prune_ok, step, deadline,
                       timing=dict(batch_size=batch_size, img_size=img_size, rounds=rounds, device=device,
                                   precision=precision),
                       eval_kw=dict(batch_size=eval_batch_size, num_workers=num_workers, device=device,
                                    progress=False),
                       say=say, screen=screen)
     if screen:
-        say(f"screening: every greedy option on {screen} images first, the best {searcher.promote} on all {len(data)}")
+        say(f"screening: every greedy option on {screen} images first, the best {searcher.promote} on all "
+            f"{len(search_data)}")
     finals: List[Candidate] = []
     held = None
     if speedup is not None and incumbent:
@@ -203,20 +232,39 @@ def tune(
                                "phase; give a larger budget (--budget-min)")
         raise RuntimeError("tuning found no setting that reduces anything; is the model too small for step="
                            f"{step}?")
+    confirmation = None
     if speedup is not None:
         reached = [c for c in finals if (c.throughput_ratio or 0) >= aim]
         pool = reached or finals
         best = min(pool, key=lambda c: (c.kl, -(c.throughput_ratio or 0))) if reached else \
             max(pool, key=lambda c: c.throughput_ratio or 0)
+        if reached and confirm_data is not None:
+            # Not the lowest KL on the searched images (optimistic after ~100 candidates): the
+            # unseen images decide, leaving plain ToMe only on evidence.
+            best, confirmation = searcher.confirm(held, confirm_data, finalists, confirm_z)
         searcher.measure(best, again=True)  # an independent re-measurement of the winner
     else:
         best = max(finals, key=lambda c: c.throughput_ratio or 0)
     result = TuneResult(setting=best.setting, best=best, candidates=searcher.candidates, target=speedup,
-                        max_drop=max_drop, seconds=time.perf_counter() - start)
+                        max_drop=max_drop, seconds=time.perf_counter() - start, confirmation=confirmation,
+                        stopped_by_budget=searcher.out_of_time())
     if out_dir:
         result.files = write_outputs(result, out_dir)
     return result
 
 
-__all__ = ["DEFAULT_METHODS", "KEEP_LEVELS", "SEARCH_SPACES", "Candidate", "Search", "TuneResult", "candidates_png",
+def _split(data: Dataset, share: float, seed: int):
+    """``(search data, confirmation data or None, why confirmation is off or None)``."""
+    if share <= 0:
+        return data, None, None
+    search_idx, confirm_idx = split_indices(len(data), share, seed)
+    if len(confirm_idx) < MIN_IMAGES:
+        return data, None, (f"confirmation skipped: {len(confirm_idx)} of {len(data)} calibration images is fewer than "
+                            f"{MIN_IMAGES}; the search's own best is returned (give more images to confirm it)")
+    from torch.utils.data import Subset
+
+    return Subset(data, search_idx), Subset(data, confirm_idx), None
+
+
+__all__ = ["Confirmation", "DEFAULT_METHODS", "KEEP_LEVELS", "SEARCH_SPACES", "Candidate", "Search", "TuneResult", "candidates_png",
            "tune"]

@@ -39,6 +39,11 @@ class TuneResult:
 
     Attributes:
         setting: settings text for ``patch`` / ``sweep`` / ``benchmark`` / checkpoints.
+        confirmation: how the confirmation images decided between the search's best settings and
+            the plain-ToMe incumbent (:class:`~tokenslim.tune.confirm.Confirmation`), or ``None``
+            (not run: a drop budget, too few images, or nothing reached the target).
+        stopped_by_budget: the budget ran out before the search finished (a miss then may be the
+            budget's; otherwise the search space or the device is what falls short).
         best: the chosen candidate, with its final (re-)measured speed-up.
         candidates: every candidate evaluated, in order.
         target: the speed-up asked for (or ``None`` with ``max_drop``).
@@ -53,6 +58,8 @@ class TuneResult:
     max_drop: Optional[float]
     seconds: float
     files: Dict[str, str] = field(default_factory=dict)
+    confirmation: Optional[Any] = None
+    stopped_by_budget: bool = False
 
     @property
     def evaluated(self) -> int:
@@ -76,6 +83,7 @@ class Journal:
         self.path, self.run = path, run
         self.evals: Dict[str, dict] = {}
         self.timings: Dict[str, dict] = {}
+        self.confirms: Dict[str, dict] = {}
         if path is None:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -84,11 +92,15 @@ class Journal:
         for lineno, row in read_jsonl(path):
             check_same_run(row.get("run"), run, f"{path}:{lineno}",
                            "pass fresh=True (--fresh) to start over, or another output folder")
-            (self.timings if row["kind"] == "timing" else self.evals)[row["setting"]] = row
+            self._book(row["kind"])[row["setting"]] = row
+
+    def _book(self, kind: str) -> Dict[str, dict]:
+        return {"timing": self.timings, "confirm": self.confirms}.get(kind, self.evals)
 
     def add(self, kind: str, setting: str, values: dict) -> None:
+        """Record one finished ``"eval"``, ``"timing"`` or ``"confirm"`` row (appended to the file at once)."""
         row = {"kind": kind, "setting": setting, **values, "run": self.run}
-        (self.timings if kind == "timing" else self.evals)[setting] = row
+        self._book(kind)[setting] = row
         if self.path:
             append_jsonl(self.path, row)
 
@@ -110,7 +122,9 @@ def write_outputs(result: TuneResult, out_dir: str) -> Dict[str, str]:
     with open(paths["json"], "w") as f:
         json.dump({"setting": result.setting, "best": asdict(result.best), "target": result.target,
                    "reached": result.reached, "max_drop": result.max_drop, "seconds": round(result.seconds, 1),
-                   "candidates": result.evaluated}, f, indent=2)
+                   "candidates": result.evaluated, "stopped_by_budget": result.stopped_by_budget,
+                   "confirmation": asdict(result.confirmation) if result.confirmation is not None else None},
+                  f, indent=2)
     png = os.path.join(out_dir, "candidates.png")
     if candidates_png(list(seen.values()), result.best, png):
         paths["png"] = png
