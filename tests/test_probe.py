@@ -17,18 +17,10 @@ from conftest import SMALL, images, make_model
 from tokenslim.cli import main
 from tokenslim.journal import append_jsonl, read_jsonl
 from tokenslim.loading import save_checkpoint
+from test_same_run import _fails
 
 DATA_CONFIG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0}
 CIFAR = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-def _fails(capsys, argv, code=2):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == code, err
-    assert "Traceback" not in err
-    return err
 
 
 def _save(path, seed=0, **config):

@@ -62,7 +62,7 @@ def check_exportable(model: nn.Module) -> None:
         TypeError: a model of another framework than timm (their adapters are not export-tested).
         ValueError: a model with masks on inputs or channels that are not materialised.
     """
-    from .patching import adapter_for
+    from .adapters.registry import adapter_for
 
     adapter = adapter_for(model).__name__.rsplit(".", 1)[-1]
     if adapter not in ("timm_vit", "timm_eva"):

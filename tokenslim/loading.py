@@ -125,6 +125,10 @@ def _build(obj: dict, path: str, apply_settings: bool = True) -> nn.Module:
 
 
 def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, name: str) -> None:
+    from .merge_policy import attach_policy, has_policy_state
+
+    if has_policy_state(state):
+        attach_policy(model, state)  # a learned merge policy travels with the weights
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

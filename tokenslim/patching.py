@@ -2,8 +2,9 @@
 
 Each framework has one adapter module that wires the shared ops into its modules:
 :mod:`tokenslim.adapters.timm_vit` (timm), :mod:`tokenslim.adapters.hf_vit` (Hugging Face ``transformers``) and
-:mod:`tokenslim.adapters.open_clip_vit` (``open_clip``). This module only picks the adapter from the
-model's package; the optional frameworks are imported only when a model of theirs is passed.
+:mod:`tokenslim.adapters.open_clip_vit` (``open_clip``). :mod:`tokenslim.adapters.registry` picks the
+adapter from the model's package; this module adds the settings every adapter shares and channel
+pruning first.
 """
 from __future__ import annotations
 
@@ -12,55 +13,8 @@ from typing import Optional, Sequence, Union
 
 from torch import nn
 
+from .adapters.registry import adapter_for
 from .schedule import DEFAULT_PRUNE_LAYERS, RSpec
-
-
-def _package(model: nn.Module) -> str:
-    for cls in type(model).__mro__:
-        module = cls.__module__ or ""
-        if module.startswith("tokenslim.adapters.hf_vit"):
-            return "transformers"
-        if module.startswith("tokenslim.adapters.open_clip_vit"):
-            return "open_clip"
-        if module.startswith("transformers."):
-            return "transformers"
-        if module.startswith("open_clip."):
-            return "open_clip"
-    return "timm"
-
-
-def _holds(model: nn.Module, package: str) -> bool:
-    """Whether a module of ``package`` (e.g. open_clip's vision tower) sits inside ``model``."""
-    return any(_package(m) == package for m in model.modules())
-
-
-def adapter_for(model: nn.Module) -> ModuleType:
-    """The adapter module that handles ``model``."""
-    package = _package(model)
-    if package == "timm" and _holds(model, "open_clip"):
-        package = "open_clip"
-    if package == "transformers":
-        from .adapters import hf_vit
-
-        return hf_vit
-    if package == "open_clip":
-        from .adapters import open_clip_vit
-
-        return open_clip_vit
-    if _is_eva(model):
-        from .adapters import timm_eva
-
-        return timm_eva
-    from .adapters import timm_vit
-
-    return timm_vit
-
-
-def _is_eva(model: nn.Module) -> bool:
-    """Whether ``model`` is a timm ``Eva`` (the rotary-position family: DINOv3, EVA-02, PE, RoPE-ViT)."""
-    from timm.models.eva import Eva
-
-    return isinstance(model, Eva)
 
 
 def patch(

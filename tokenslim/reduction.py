@@ -8,7 +8,7 @@ Every adapter (timm, transformers, open_clip) runs its block's attention through
 """
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,6 +18,7 @@ from .methods.tome import METHOD as TOME
 from .ops import merge_tokens, prune_scores, prune_sizes, prune_tokens, select_tokens, size_log_bias, update_source
 from .ops.attention import AttentionResult
 from .ops.positions import token_positions
+from .ops.straight_through import straight_through_merge
 from .schedule import ReductionSettings, TokenPlan
 
 
@@ -34,6 +35,7 @@ class BlockStep(NamedTuple):
     option: Optional[float] = None
     layer: int = 0
     depth: int = 1
+    embed: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # learned merge metric
 
     @property
     def reduces(self) -> bool:
@@ -53,14 +55,27 @@ class BlockStep(NamedTuple):
         return self.r > 0 and self.method.needs_value_score
 
 
-def block_steps(settings: ReductionSettings, plan: TokenPlan, num_prefix_tokens: int) -> Iterator[BlockStep]:
-    """The :class:`BlockStep` of every block, in order, for one token plan."""
+def block_steps(settings: ReductionSettings, plan: TokenPlan, num_prefix_tokens: int,
+                policy: Optional[Sequence[Callable]] = None) -> Iterator[BlockStep]:
+    """The :class:`BlockStep` of every block, in order, for one token plan.
+
+    ``policy``: the model's learned merge embeddings (:mod:`tokenslim.merge_policy`), one per
+    block, used by ``method="learned"``.
+
+    Raises:
+        ValueError: ``method="learned"`` on a model without a policy (naming what to run).
+    """
     prop_attn = settings.uses_prop_attn
     method, option, depth = settings.method_spec, settings.option, settings.depth
+    learned = method.name == "learned"
+    if learned and policy is None:
+        from .merge_policy import missing_policy_error
+
+        raise missing_policy_error()
     has_dropped = False
     for i in range(depth):
         yield BlockStep(plan.merged[i], plan.kept[i], plan.fused[i], prop_attn, num_prefix_tokens, has_dropped,
-                        method, option, i, depth)
+                        method, option, i, depth, policy[i] if learned else None)
         has_dropped = plan.dropped[i]
 
 
@@ -113,9 +128,16 @@ def reduce_step(
                 raise ValueError(f"method {method.name!r} cannot restrict merging to spatial neighbours "
                                  "(rope='local'); use method='tome' or 'mlerp', or another rope treatment")
             positions = token_positions(grid, source, x.shape[1], x.shape[0])
+        if step.embed is not None:
+            metric = step.embed(x, metric)  # the learned merge metric (tokenslim.merge_policy)
         inputs = StepInputs(x, metric, cls_attn, value_score, step.num_prefix_tokens, step.layer, step.depth,
                             step.option, positions)
         merge = method.plan(inputs, step.r)
-        x, sizes = merge_tokens(x, sizes, merge.dest, merge.num_out, has_dropped=method.may_drop, norm=method.norm)
+        merged, new_sizes = merge_tokens(x, sizes, merge.dest, merge.num_out, has_dropped=method.may_drop,
+                                         norm=method.norm)
+        if step.embed is not None and metric.requires_grad and getattr(step.embed, "training", False):
+            # Training the policy: ToMe's merge forward, the soft matching's gradient backward.
+            merged = straight_through_merge(x, sizes, metric, merge.dest, merged, step.r, step.num_prefix_tokens)
+        x, sizes = merged, new_sizes
         source = update_source(source, merge.dest, has_dropped)
     return x, sizes, source

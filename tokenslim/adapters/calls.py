@@ -19,7 +19,7 @@ reads the same inputs.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from torch import nn
 
@@ -138,3 +138,23 @@ def check_reducible(i: int, block: nn.Module, attn: Optional[nn.Module], blocks:
     raise TypeError(f"block {i} is now a {type(block).__qualname__} with {attn_name} attention: it was replaced after "
                     f"tokenslim.patch, and token reduction supports {supported} only. Restore the block, or "
                     "tokenslim.unpatch(model) to run it unreduced")
+
+
+def wire(blocks: Iterable[nn.Module], attention_of: Callable[[nn.Module], nn.Module], adapter: str) -> None:
+    """Hook every block and its attention (``attention_of(block)``) for :func:`call_through`."""
+    for block in blocks:
+        hook_module(block, adapter)
+        hook_module(attention_of(block), adapter)
+
+
+def class_lookup(adapter: str, candidates: Tuple[type, ...]) -> Callable[[str], type]:
+    """A module ``__getattr__`` that finds ``adapter``'s hooked classes by name (``pickle`` asks it
+    in a fresh process, where the classes are not made yet)."""
+
+    def __getattr__(name: str) -> type:
+        found = hooked_by_name(name, candidates, adapter)
+        if found is None:
+            raise AttributeError(f"module {adapter!r} has no attribute {name!r}")
+        return found
+
+    return __getattr__

@@ -32,7 +32,7 @@ from ..ops.attention import AttentionResult, reducing_attention
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import ReductionSettings
 from ..versions import check_release
-from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
+from .calls import base_class, call_through, check_reducible, hooked_by_name, unhook_all, wire
 
 TRANSFORMERS_MIN = (5, 24, 0)
 TRANSFORMERS_MAX = (5, 24, 999)
@@ -365,6 +365,9 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
         RuntimeError: an untested transformers release.
     """
     check_transformers_version()
+    if str(settings.get("method", "")).lower() == "learned":
+        raise ValueError("method='learned' (a trained merge policy) is available on timm ViT and Eva models; the transformers "
+                         "adapter takes the training-free methods. Load the same weights into the timm model to use it")
     bases = find_base_models(model)
     if not bases:
         raise TypeError(
@@ -389,9 +392,7 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
                                   **settings)
     base.__class__ = _patched_class(base_cls, family)
     base.tokenslim = reduction
-    for layer in layers:
-        hook_module(layer, __name__)
-        hook_module(family["attention"](layer), __name__)
+    wire(layers, family["attention"], __name__)
     if model is not base:
         model.tokenslim = reduction
     return model

@@ -23,7 +23,7 @@ from ..ops.attention import AttentionResult, reducing_attention
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import ReductionSettings
 from ..versions import check_release
-from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
+from .calls import base_class, call_through, check_reducible, hooked_by_name, unhook_all, wire
 
 OPEN_CLIP_MIN = (3, 0, 0)
 OPEN_CLIP_MAX = (3, 3, 999)
@@ -179,6 +179,9 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
         ValueError: bad settings; pruning without fusion on a tower that averages patch tokens.
     """
     check_open_clip_version()
+    if str(settings.get("method", "")).lower() == "learned":
+        raise ValueError("method='learned' (a trained merge policy) is available on timm ViT and Eva models; the open_clip "
+                         "adapter takes the training-free methods. Load the same weights into the timm model to use it")
     tower, kind = _vision_tower(model)
     if tower is None:
         raise TypeError(f"tokenslim cannot patch {type(model).__qualname__}: no open_clip VisionTransformer or timm "
@@ -206,9 +209,7 @@ def patch(model: nn.Module, **settings: Any) -> nn.Module:
                                   **settings)
     transformer.__class__ = _patched_transformer()
     transformer.tokenslim = reduction
-    for block in transformer.resblocks:
-        hook_module(block, __name__)
-        hook_module(block.attn, __name__)
+    wire(transformer.resblocks, lambda block: block.attn, __name__)
     model.tokenslim = reduction
     if tower is not model:
         tower.tokenslim = reduction

@@ -26,7 +26,7 @@ from torch import nn
 from ..ops.masks import kept_channels, kept_heads, top_mask
 from .calls import base_class
 from .timm_vit import HEAD_MASK_BUFFER as HEAD_BUFFER
-from ..patching import adapter_for
+from .registry import adapter_for
 from .timm_vit import _check_supported as _check_timm_vit
 
 

@@ -27,19 +27,19 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers.attention import AttentionRope
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
-from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import nn
 
-from ..input_size import resolve_img_size
-from ..ops import unmerge
 from ..ops.attention import AttentionResult, head_mean, reducing_attention
 from ..ops.positions import grid_positions, token_positions
 from ..ops.rope import affine_angles, check_affine, is_local, reduced_rotary, rotation_of
+from ..merge_policy import detach_policy, missing_policy_error, policy_of
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
-from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
-from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
-from .timm_vit import MergeTrace, check_timm_version
+from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan
+from . import timm_base
+from .calls import base_class, call_through, check_reducible, class_lookup, unhook_all, wire
+from .timm_base import MergeTrace, TimmReducing
+from .timm_vit import check_timm_version
 
 SUPPORTED_BLOCKS = (EvaBlock, EvaBlockPostNorm)
 SUPPORTED_ATTENTION = (EvaAttention, AttentionRope)
@@ -199,52 +199,45 @@ class _RotaryState:
         return rows
 
 
-class TokenSlimEva(Eva):
-    """A patched :class:`timm.models.eva.Eva` (see :func:`patch`)."""
+class TokenSlimEva(TimmReducing, Eva):
+    """A patched :class:`timm.models.eva.Eva` (see :func:`patch`); what every timm family shares
+    is :class:`~tokenslim.adapters.timm_base.TimmReducing`."""
 
-    tokenslim: ReductionSettings
-
-    def tokenslim_plan(self, num_tokens: int) -> TokenPlan:
-        """Token counts per block for ``num_tokens`` tokens entering the first block."""
-        settings = self.tokenslim
-        if settings.depth != len(self.blocks):
-            raise RuntimeError(
-                f"the model has {len(self.blocks)} blocks but was patched with {settings.depth}; "
-                "call tokenslim.patch(model, ...) again after changing its blocks"
-            )
-        return settings.plan(num_tokens, self.num_prefix_tokens)
-
-    def _tokenslim_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
+    def _tokenslim_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[Optional[torch.Tensor], Tuple[int, int]]]:
+        """Tokens entering the first block, and ``(rotary table, patch grid)`` for the blocks."""
         x = self.patch_embed(x)
         grid_hw = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         x, rope = self._pos_embed(x)
-        return self.norm_pre(x), rope, grid_hw
+        return self.norm_pre(x), (rope, grid_hw)
 
     def _tokenslim_blocks(
         self,
         x: torch.Tensor,
-        rope: Optional[torch.Tensor],
-        grid_hw: Tuple[int, int],
+        context: Tuple[Optional[torch.Tensor], Tuple[int, int]],
         attn_mask: Optional[torch.Tensor],
         is_causal: bool,
         take_indices: Optional[List[int]] = None,
         last_index: Optional[int] = None,
+        track_source: bool = True,
     ):
         """Run the blocks; returns tokens, sizes, source map, whether tokens were dropped, and
-        ``(tokens, source, has_dropped)`` of every block in ``take_indices``."""
+        ``(tokens, source, has_dropped)`` of every block in ``take_indices``. The source map is
+        always composed (``track_source`` is accepted for the shared callers): the rotary tables
+        of merged tokens follow it."""
         plan = self.tokenslim_plan(x.shape[1])
         if plan.reduces and (attn_mask is not None or is_causal):
             raise ValueError(
                 "attn_mask / is_causal cannot be combined with token reduction: reduced tokens no "
                 "longer line up with the mask. Set r=0 and keep_rate=None to use masks."
             )
+        rope, grid_hw = context
         rotary = _RotaryState(self, rope, grid_hw, x.device)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
         sizes: Optional[torch.Tensor] = None
         source: Optional[torch.Tensor] = None
         has_dropped = reduced = False
         taken = []
-        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens)
+        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens, policy_of(self))
         for i, (block, step) in enumerate(zip(self.blocks, steps)):
             if last_index is not None and i > last_index:
                 break
@@ -271,26 +264,14 @@ class TokenSlimEva(Eva):
                 taken.append((x, source, has_dropped))
         return x, sizes, source, has_dropped, taken
 
-    def _tokenslim_final(self, x: torch.Tensor, source: Optional[torch.Tensor], has_dropped: bool) -> torch.Tensor:
-        x = self.norm(x)  # per token: norming before the unmerge gather is exact and cheaper
-        return x if source is None else unmerge(x, source, has_dropped)
-
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         """timm's ``forward_head(forward_features(x))``; a class-token head reads the reduced tokens as they are."""
         if _pools_patches(self) or self.global_pool != "token":
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        x, rope, grid_hw = self._tokenslim_embed(x)
-        x, _, _, _, _ = self._tokenslim_blocks(x, rope, grid_hw, attn_mask, is_causal)
+        x, context = self._tokenslim_embed(x)
+        x, _, _, _, _ = self._tokenslim_blocks(x, context, attn_mask, is_causal)
         return self.forward_head(self.norm(x))
-
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                         is_causal: bool = False) -> torch.Tensor:
-        """Embeddings, blocks with token reduction, final norm; ``[B, N0, C]`` with every merged token
-        repeated over the patches it holds, so timm's pooling is size-weighted pooling."""
-        x, rope, grid_hw = self._tokenslim_embed(x)
-        x, _, source, dropped, _ = self._tokenslim_blocks(x, rope, grid_hw, attn_mask, is_causal)
-        return self._tokenslim_final(x, source, dropped)
 
     def forward_intermediates(
         self,
@@ -306,32 +287,8 @@ class TokenSlimEva(Eva):
     ):
         """timm's ``forward_intermediates`` with token reduction: ``NLC`` gives each block's reduced
         tokens, ``NCHW`` unmerges them onto the full patch grid (zero where pruning dropped a patch)."""
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
-        x, rope, grid_hw = self._tokenslim_embed(x)
-        x, _, source, dropped, taken = self._tokenslim_blocks(
-            x, rope, grid_hw, attn_mask, is_causal, take_indices=take_indices,
-            last_index=max_index if stop_early else None)
-        prefix = self.num_prefix_tokens
-        intermediates, prefix_tokens = [], []
-        for y, y_source, y_dropped in taken:
-            if norm:
-                y = self.norm(y)
-            if output_fmt == "NCHW" and y_source is not None:
-                y = unmerge(y, y_source, y_dropped)
-            prefix_tokens.append(y[:, :prefix])
-            intermediates.append(y[:, prefix:])
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous()
-                             for y in intermediates]
-        if return_prefix_tokens and prefix:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self._tokenslim_final(x, source, dropped), intermediates
+        return self._tokenslim_intermediates(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                             intermediates_only, False, attn_mask, is_causal)
 
 
 def _check_block(i: int, block: nn.Module) -> None:
@@ -409,11 +366,11 @@ def patch(
                          f"{settings.method!r} does not use that matching; use method='tome' or 'mlerp'")
     if has_rope(model) and rotation_of(settings.rope_treatment) == "mean":
         _check_rope_table(model)
+    if settings.method == "learned" and policy_of(model) is None:
+        raise missing_policy_error()
     model.tokenslim = settings
     model.__class__ = TokenSlimEva
-    for block in model.blocks:
-        hook_module(block, __name__)
-        hook_module(block.attn, __name__)
+    wire(model.blocks, lambda block: block.attn, __name__)
     return model
 
 
@@ -436,15 +393,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         model.__class__ = Eva
         del model.tokenslim
         unhook_all(model)
+        detach_policy(model)  # the original model, exactly
     return model
 
 
-def __getattr__(name: str) -> type:
-    """The hooked block and attention classes by name, for ``pickle`` in a fresh process."""
-    found = hooked_by_name(name, SUPPORTED_BLOCKS + SUPPORTED_ATTENTION, __name__)
-    if found is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return found
+__getattr__ = class_lookup(__name__, SUPPORTED_BLOCKS + SUPPORTED_ATTENTION)  # the hooked classes, for pickle
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -452,31 +405,13 @@ def is_patched(model: nn.Module) -> bool:
     return type(model) is TokenSlimEva
 
 
-@torch.no_grad()
 def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
     """Which patches each token holds after a patched Eva model's blocks (see
     :func:`tokenslim.adapters.timm_vit.trace_merges`)."""
-    if not is_patched(model):
-        raise TypeError("trace_merges needs a patched model: call tokenslim.patch(model, r=...) first")
-    x, rope, grid_hw = model._tokenslim_embed(images)
-    n0 = x.shape[1]
-    x, sizes, source, _, _ = model._tokenslim_blocks(x, rope, grid_hw, None, False)
-    batch = x.shape[0]
-    if source is None:
-        source = torch.arange(n0, device=x.device).expand(batch, n0)
-    if sizes is None:
-        sizes = torch.ones(batch, x.shape[1], 1, device=x.device)
-    return MergeTrace(tokens=x, sizes=sizes.squeeze(-1), source=source)
+    return timm_base.trace_merges(model, images, is_patched)
 
 
 def token_plan(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> TokenPlan:
     """Tokens entering each block of a timm Eva model (patched or not) for one input size."""
     _check_supported(model)
-    if img_size is None:
-        grid = tuple(model.patch_embed.grid_size)
-    else:
-        grid = tuple(model.patch_embed.dynamic_feat_size(resolve_img_size(model, img_size)))
-    num_tokens = grid[0] * grid[1] + model.num_prefix_tokens
-    if is_patched(model):
-        return model.tokenslim_plan(num_tokens)
-    return plan_tokens(num_tokens, model.num_prefix_tokens, [0] * len(model.blocks))
+    return timm_base.token_plan(model, img_size, is_patched(model))

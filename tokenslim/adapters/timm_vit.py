@@ -19,23 +19,22 @@ Design:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint
 from timm.layers.attention import Attention
-from timm.models._features import feature_take_indices
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..ops import unmerge
 from ..ops.attention import AttentionResult, reducing_attention
-from .calls import base_class, call_through, check_reducible, hook_module, hooked_by_name, unhook_all
+from . import timm_base
+from .calls import base_class, call_through, check_reducible, class_lookup, unhook_all, wire
+from .timm_base import MergeTrace, TimmReducing
+from ..merge_policy import detach_policy, missing_policy_error, policy_of
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
-from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan, plan_tokens
-from ..input_size import resolve_img_size
+from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan
 from ..versions import check_release
 
 TIMM_MIN = (1, 0, 28)
@@ -142,33 +141,24 @@ def reducing_block(
 # Patched model classes
 # --------------------------------------------------------------------------------------------
 
-class _TokenSlimMixin:
-    """Overrides of ``VisionTransformer`` that thread token reduction through the blocks."""
+class _TokenSlimMixin(TimmReducing):
+    """Overrides of ``VisionTransformer`` that thread token reduction through the blocks (the
+    parts every timm family shares are :class:`~tokenslim.adapters.timm_base.TimmReducing`)."""
 
-    tokenslim: ReductionSettings
-
-    def tokenslim_plan(self, num_tokens: int) -> TokenPlan:
-        """Token counts per block for ``num_tokens`` tokens entering the first block."""
-        settings = self.tokenslim
-        if settings.depth != len(self.blocks):
-            raise RuntimeError(
-                f"the model has {len(self.blocks)} blocks but was patched with {settings.depth}; "
-                "call tokenslim.patch(model, ...) again after changing its blocks"
-            )
-        plan = settings.plan(num_tokens, self.num_prefix_tokens)
+    def _tokenslim_check_plan(self, plan: TokenPlan) -> None:
         if plan.drops:
             _refuse_drops_with_patch_pooling(self)
-        return plan
 
-    def _tokenslim_embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokenslim_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, None]:
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
-        return self.norm_pre(x)
+        return self.norm_pre(x), None
 
     def _tokenslim_blocks(
         self,
         x: torch.Tensor,
+        context: None,
         attn_mask: Optional[torch.Tensor],
         is_causal: bool,
         take_indices: Optional[List[int]] = None,
@@ -193,7 +183,7 @@ class _TokenSlimMixin:
         source: Optional[torch.Tensor] = None
         has_dropped = reduced = False
         taken: List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]] = []
-        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens)
+        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens, policy_of(self))
         for i, (block, step) in enumerate(zip(self.blocks, steps)):
             if last_index is not None and i > last_index:
                 break
@@ -232,25 +222,9 @@ class _TokenSlimMixin:
         map is composed and nothing is unmerged, since neither can change what the head reads."""
         if not _reads_prefix_only(self):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        x = self._tokenslim_embed(x)
-        x, _, _, _, _ = self._tokenslim_blocks(x, attn_mask, is_causal, track_source=False)
+        x, context = self._tokenslim_embed(x)
+        x, _, _, _, _ = self._tokenslim_blocks(x, context, attn_mask, is_causal, track_source=False)
         return self.forward_head(self.norm(x))
-
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        attn_mask: Optional[torch.Tensor] = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        """Embeddings, blocks with token reduction, final norm.
-
-        Returns ``[B, N0, C]``, the unpatched shape: each merged token is repeated at every patch
-        position it holds (prefix tokens first, unchanged). Pooling this output is size-weighted
-        pooling of the merged tokens, so ``forward_head(forward_features(x))`` equals ``forward(x)``.
-        """
-        x = self._tokenslim_embed(x)
-        x, _, source, dropped, _ = self._tokenslim_blocks(x, attn_mask, is_causal)
-        return self._tokenslim_final(x, source, dropped)
 
     def forward_intermediates(
         self,
@@ -265,53 +239,10 @@ class _TokenSlimMixin:
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
-        """timm's ``forward_intermediates`` with token reduction.
-
-        ``output_fmt='NLC'`` returns each block's reduced tokens (token counts shrink with depth).
-        ``output_fmt='NCHW'`` unmerges every intermediate to the full patch grid through the source
-        map: each patch position gets the value of the token that holds it (zero where pruning
-        dropped the token without fusion). The final features are returned as by
-        :meth:`forward_features` (unmerged, full length).
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        batch, _, height, width = x.shape
-        x = self._tokenslim_embed(x)
-        x, _, source, dropped, taken = self._tokenslim_blocks(
-            x, attn_mask, is_causal, take_indices=take_indices, last_index=max_index if stop_early else None
-        )
-        prefix = self.num_prefix_tokens
-        intermediates, prefix_tokens = [], []
-        for y, y_source, y_dropped in taken:
-            if norm:
-                y = self.norm(y)
-            if output_fmt == "NCHW" and y_source is not None:
-                y = unmerge(y, y_source, y_dropped)
-            prefix_tokens.append(y[:, :prefix])
-            intermediates.append(y[:, prefix:])
-        if output_fmt == "NCHW":
-            grid_h, grid_w = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [
-                y.reshape(batch, grid_h, grid_w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
-            ]
-        has_prefix = prefix > 0
-        if output_dict:
-            result: Dict[str, Any] = {"image_intermediates": intermediates}
-            if has_prefix and return_prefix_tokens:
-                result["image_intermediates_prefix"] = prefix_tokens
-            if not intermediates_only:
-                result["image_features"] = self._tokenslim_final(x, source, dropped)
-            return result
-        if return_prefix_tokens and has_prefix:
-            intermediates = list(zip(intermediates, prefix_tokens))
-        if intermediates_only:
-            return intermediates
-        return self._tokenslim_final(x, source, dropped), intermediates
-
-    def _tokenslim_final(self, x: torch.Tensor, source: Optional[torch.Tensor], has_dropped: bool) -> torch.Tensor:
-        x = self.norm(x)  # per-token, so norming before the unmerge gather is exact and cheaper
-        return x if source is None else unmerge(x, source, has_dropped)
+        """timm's ``forward_intermediates`` with token reduction (see
+        :meth:`~tokenslim.adapters.timm_base.TimmReducing._tokenslim_intermediates`)."""
+        return self._tokenslim_intermediates(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                             intermediates_only, output_dict, attn_mask, is_causal)
 
 
 class TokenSlimVisionTransformer(_TokenSlimMixin, VisionTransformer):
@@ -430,11 +361,11 @@ def patch(
         prop_attn=prop_attn, has_class_token=model.cls_token is not None, method=method,
         threshold=threshold, margin=margin, pools_patches=_pools_patches(model),
     )
+    if settings.method == "learned" and policy_of(model) is None:
+        raise missing_policy_error()
     model.tokenslim = settings
     model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
-    for block in model.blocks:
-        hook_module(block, __name__)
-        hook_module(block.attn, __name__)
+    wire(model.blocks, lambda block: block.attn, __name__)
     return model
 
 
@@ -445,15 +376,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         model.__class__ = _ORIGINAL_CLASSES[cls]
         del model.tokenslim
         unhook_all(model)
+        detach_policy(model)  # the original model, exactly
     return model
 
 
-def __getattr__(name: str) -> type:
-    """The hooked block and attention classes by name, for ``pickle`` in a fresh process."""
-    found = hooked_by_name(name, SUPPORTED_BLOCKS + SUPPORTED_ATTENTION, __name__)
-    if found is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return found
+__getattr__ = class_lookup(__name__, SUPPORTED_BLOCKS + SUPPORTED_ATTENTION)  # the hooked classes, for pickle
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -461,43 +388,15 @@ def is_patched(model: nn.Module) -> bool:
     return type(model) in _ORIGINAL_CLASSES
 
 
-@dataclass
-class MergeTrace:
-    """What token merging did to a batch, for visualisation and unmerging.
-
-    Attributes:
-        tokens: ``[B, N, C]`` tokens leaving the last block (before the final norm).
-        sizes: ``[B, N]`` original tokens held by each token (float32).
-        source: ``[B, N0]`` int64 index of the token that holds each original token (prefix
-            positions included). ``source_matrix(source, N)`` gives ToMe's dense 0/1 form;
-            ``unmerge(tokens, source)`` expands tokens back to every original position.
-    """
-
-    tokens: torch.Tensor
-    sizes: torch.Tensor
-    source: torch.Tensor
-
-
-@torch.no_grad()
 def trace_merges(model: nn.Module, images: torch.Tensor) -> MergeTrace:
     """Run a patched model's blocks on ``images`` and return which patches each token holds.
 
     Covers merging and pruning: a fused token holds the patches it fused; a patch whose token was
-    pruned without fusion has source ``-1``. Source tracking costs a gather of ``B x N0`` integers per merging block; the patched forward
-    keeps the same map anyway (it is how merged tokens are expanded for pooling), so this is the
-    documented way to read it out rather than a separate mode.
+    pruned without fusion has source ``-1``. Source tracking costs a gather of ``B x N0`` integers
+    per merging block; the patched forward keeps the same map anyway (it is how merged tokens are
+    expanded for pooling), so this is the documented way to read it out rather than a separate mode.
     """
-    if not is_patched(model):
-        raise TypeError("trace_merges needs a patched model: call tokenslim.patch(model, r=...) first")
-    x = model._tokenslim_embed(images)
-    n0 = x.shape[1]
-    x, sizes, source, _, _ = model._tokenslim_blocks(x, None, False)
-    batch = x.shape[0]
-    if source is None:
-        source = torch.arange(n0, device=x.device).expand(batch, n0)
-    if sizes is None:
-        sizes = torch.ones(batch, x.shape[1], 1, device=x.device)
-    return MergeTrace(tokens=x, sizes=sizes.squeeze(-1), source=source)
+    return timm_base.trace_merges(model, images, is_patched)
 
 
 def token_plan(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]] = None) -> TokenPlan:
@@ -508,11 +407,4 @@ def token_plan(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]]
         img_size: ``H`` or ``(H, W)``; the size the model was built for by default.
     """
     _check_supported(model)
-    if img_size is None:
-        grid = tuple(model.patch_embed.grid_size)
-    else:
-        grid = tuple(model.patch_embed.dynamic_feat_size(resolve_img_size(model, img_size)))
-    num_tokens = grid[0] * grid[1] + model.num_prefix_tokens
-    if is_patched(model):
-        return model.tokenslim_plan(num_tokens)
-    return plan_tokens(num_tokens, model.num_prefix_tokens, [0] * len(model.blocks))
+    return timm_base.token_plan(model, img_size, is_patched(model))

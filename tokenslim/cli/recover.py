@@ -10,7 +10,8 @@ from typing import List
 
 from . import flags
 
-TRAINABLE = "bias, norm, bias_norm, lora, lora_bias_norm (the LoRA ones need tokenslim[peft]) or full (every parameter)"
+TRAINABLE = ("bias, norm, bias_norm, lora, lora_bias_norm (the LoRA ones need tokenslim[peft]), full (every parameter) "
+             "or merge (a learned merge policy on the frozen model: the setting's method becomes learned)")
 
 
 def add_recover_args(p: argparse.ArgumentParser) -> None:
@@ -159,6 +160,14 @@ def run_recover_cmd(args: argparse.Namespace):
         flags.progress(f"warning: the teacher is {args.checkpoint} without its settings {carried}; a recovered "
                        "checkpoint's weights are not the original model's, so pass --teacher ORIGINAL.pth to distil "
                        "from the model it was reduced from")
+    if args.trainable == "merge":
+        from ..merge_policy import attach_policy
+
+        for text, setting in zip(args.settings, settings):
+            if setting.get("method", "tome") not in ("tome", "learned") or not setting.get("r"):
+                raise ValueError(f"--trainable merge learns ToMe's matching: --settings {text} must merge (r=...) with "
+                                 "method=tome or learned")
+        attach_policy(start)  # zero: ToMe exactly, until trained (the teacher runs unreduced and ignores it)
     for text, setting in zip(args.settings, settings):
         check_setting(start, setting, text)
     transform, config = resolve_transform(start)
@@ -229,6 +238,8 @@ def _recover_one(args, start, teacher, name, config, data, val, setting, path, s
     if not current().is_main:
         return result  # rank 0 alone writes the checkpoint
     token_setting = {k: v for k, v in setting.items() if k not in CHANNEL_KEYS}
+    if args.trainable == "merge":
+        token_setting["method"] = "learned"  # the checkpoint merges with the policy it carries
     identity = _checkpoint_identity(start, args)
     label_names = (getattr(start, "pretrained_cfg", None) or {}).get("label_names")
     save_checkpoint(model, path, identity["name"], identity["kwargs"],

@@ -187,33 +187,12 @@ def recover(
     """
     from ..evaluate.distributed import init_from_env
 
-    if method not in METHODS:
-        raise ValueError(f"unknown recovery method {method!r}; known: {', '.join(METHODS)}")
-    if (steps is None) == (epochs is None) and not (epochs is not None and steps == 300):
-        raise ValueError("give steps or epochs, not both")
-    if epochs is not None:
-        steps = None
-        if not epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {epochs}")
-    if (steps is not None and steps < 1) or batch_size < 1 or save_every < 1 or accum < 1:
-        raise ValueError("steps, batch_size, save_every and accum must be >= 1")
-    if not mixup >= 0:
-        raise ValueError(f"mixup is the Beta parameter of the blend and must be >= 0 (0: off), got {mixup}")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive learning rate, got {lr}")
-    if not ce_weight >= 0:
-        raise ValueError(f"ce_weight must be >= 0 (0: distillation alone), got {ce_weight}")
-    if method.startswith("lora") and not (isinstance(lora_rank, int) and lora_rank >= 1):
-        raise ValueError(f"lora_rank must be a whole number >= 1, got {lora_rank}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (1.0: the plain KL), got {temperature}")
-    if not feature_weight >= 0:
-        raise ValueError(f"feature_weight must be >= 0 (0: off), got {feature_weight}")
-    if feature_weight > 0 and getattr(model, "cls_token", None) is None:
-        raise ValueError("feature_weight matches the class token between blocks and needs a model with one "
-                         f"({type(model).__name__} has no cls_token); use feature_weight=0")
+    steps = _check_arguments(model, method, steps, epochs, batch_size, save_every, accum, mixup, lr, ce_weight,
+                             lora_rank, temperature, feature_weight)
     if method.startswith("lora"):
         _require_peft()
+    if method == "merge":
+        prepare_merge_training(model)
     streaming = isinstance(data, IterableDataset)
     if not streaming and len(data) == 0:
         raise ValueError("the training data is empty")
@@ -230,15 +209,7 @@ def recover(
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names_before = {n: tuple(p.shape) for n, p in model.state_dict().items()}
 
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    probe = (next(iter(data)) if streaming else data[0])[0].unsqueeze(0)
-    with torch.no_grad():
-        t_out, s_out = teacher(probe), model.eval()(probe)
-    if t_out.shape != s_out.shape:
-        raise ValueError(f"the teacher's outputs have shape {tuple(t_out.shape[1:])}, the model's "
-                         f"{tuple(s_out.shape[1:])}: distillation needs the same classes")
+    t_out = _freeze_and_probe(teacher, model, data, streaming)
 
     # What a resumed run must share with the interrupted one, or the result mixes two runs: weights
     # by content (before any adapter is attached), the reduction, the data and every option. Not
@@ -283,6 +254,76 @@ def recover(
     return RecoverResult(method, trainer.step, trainer.images, trainer.losses, seconds, trainable, save_every,
                          trainer.epoch, info.world_size, batch_size, trainer.val_history,
                          trainer.best["entry"] if trainer.best else None)
+
+
+def _check_arguments(model: nn.Module, method: str, steps: Optional[int], epochs: Optional[float], batch_size: int,
+                     save_every: int, accum: int, mixup: float, lr: Optional[float], ce_weight: float,
+                     lora_rank: int, temperature: float, feature_weight: float) -> Optional[int]:
+    """Refuse bad options before anything runs, naming the argument; returns ``steps`` (``None``
+    when ``epochs`` rules)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown recovery method {method!r}; known: {', '.join(METHODS)}")
+    if (steps is None) == (epochs is None) and not (epochs is not None and steps == 300):
+        raise ValueError("give steps or epochs, not both")
+    if epochs is not None:
+        steps = None
+        if not epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {epochs}")
+    if (steps is not None and steps < 1) or batch_size < 1 or save_every < 1 or accum < 1:
+        raise ValueError("steps, batch_size, save_every and accum must be >= 1")
+    if not mixup >= 0:
+        raise ValueError(f"mixup is the Beta parameter of the blend and must be >= 0 (0: off), got {mixup}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive learning rate, got {lr}")
+    if not ce_weight >= 0:
+        raise ValueError(f"ce_weight must be >= 0 (0: distillation alone), got {ce_weight}")
+    if method.startswith("lora") and not (isinstance(lora_rank, int) and lora_rank >= 1):
+        raise ValueError(f"lora_rank must be a whole number >= 1, got {lora_rank}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (1.0: the plain KL), got {temperature}")
+    if not feature_weight >= 0:
+        raise ValueError(f"feature_weight must be >= 0 (0: off), got {feature_weight}")
+    if feature_weight > 0 and getattr(model, "cls_token", None) is None:
+        raise ValueError("feature_weight matches the class token between blocks and needs a model with one "
+                         f"({type(model).__name__} has no cls_token); use feature_weight=0")
+    return steps
+
+
+def _freeze_and_probe(teacher: nn.Module, model: nn.Module, data, streaming: bool) -> torch.Tensor:
+    """Freeze the teacher and check on one image that it and the model give outputs of one shape."""
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    probe = (next(iter(data)) if streaming else data[0])[0].unsqueeze(0)
+    with torch.no_grad():
+        t_out, s_out = teacher(probe), model.eval()(probe)
+    if t_out.shape != s_out.shape:
+        raise ValueError(f"the teacher's outputs have shape {tuple(t_out.shape[1:])}, the model's "
+                         f"{tuple(s_out.shape[1:])}: distillation needs the same classes")
+    return t_out
+
+
+def prepare_merge_training(model: nn.Module) -> None:
+    """Make a patched merging model ready to train its merge policy (``method="merge"``): a zero
+    policy is attached if it has none (ToMe exactly) and ``method="tome"`` becomes ``"learned"``.
+
+    Raises:
+        ValueError: the model is not a patched timm ViT / Eva that merges with ToMe's matching.
+    """
+    from ..merge_policy import attach_policy
+
+    reduction = getattr(model, "tokenslim", None)
+    if reduction is None or not hasattr(model, "blocks"):
+        raise ValueError("method='merge' trains a merge policy: patch a timm ViT or Eva model with a merging setting "
+                         "first (e.g. tokenslim.patch(model, r=12)); with the CLI, --trainable merge --settings r=12")
+    if not any(reduction.r_schedule):
+        raise ValueError("method='merge' trains which tokens merge, and the setting merges none; give a merging "
+                         "setting (--settings r=12 or r=(10,-1))")
+    if reduction.method not in ("tome", "learned"):
+        raise ValueError(f"method='merge' learns ToMe's matching metric; the setting uses method={reduction.method!r}. "
+                         "Use method=tome (it becomes method=learned) or method=learned")
+    attach_policy(model)
+    reduction.method = "learned"
 
 
 def _check_state_path(state_path: Optional[str]) -> None:

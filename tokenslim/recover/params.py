@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-METHODS = ("bias", "norm", "bias_norm", "lora", "lora_bias_norm", "full")
+METHODS = ("bias", "norm", "bias_norm", "lora", "lora_bias_norm", "full", "merge")
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|fc1_g|fc1_x))"
 """Exactly the attention and MLP Linear layers of timm blocks (a plain ``["proj"]`` would also catch
 ``patch_embed.proj``)."""
@@ -18,11 +18,17 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def trainable_parameters(model: nn.Module, method: str) -> Dict[str, nn.Parameter]:
-    """The parameters ``method`` trains (``bias``/``norm``/``bias_norm``/``full``), by name."""
-    if method not in ("bias", "norm", "bias_norm", "full"):
-        raise ValueError(f"trainable_parameters covers bias, norm, bias_norm and full, not {method!r}")
+    """The parameters ``method`` trains (``bias``/``norm``/``bias_norm``/``full``/``merge``), by name.
+
+    ``merge``: the learned merge policy alone (:mod:`tokenslim.merge_policy`), the backbone frozen."""
+    if method not in ("bias", "norm", "bias_norm", "full", "merge"):
+        raise ValueError(f"trainable_parameters covers bias, norm, bias_norm, full and merge, not {method!r}")
     if method == "full":
         return dict(model.named_parameters())
+    if method == "merge":
+        from ..merge_policy import POLICY_ATTR
+
+        return {n: p for n, p in model.named_parameters() if n.startswith(POLICY_ATTR + ".")}
     chosen: Dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         if method in ("bias", "bias_norm") and isinstance(module, nn.Linear) and module.bias is not None \

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -142,45 +142,9 @@ def tune(
     Returns:
         A :class:`TuneResult`; ``result.setting`` is settings text.
     """
-    if (speedup is None) == (max_drop is None):
-        raise ValueError("give exactly one target: speedup=... (e.g. 1.5) or max_drop=... (points)")
-    if speedup is not None and not speedup > 1.0:
-        raise ValueError(f"speedup must be > 1 (a speed-up over the unpatched model), got {speedup}")
-    if max_drop is not None and not max_drop >= 0:
-        raise ValueError(f"max_drop must be >= 0 points, got {max_drop}")
-    if step < 1:
-        raise ValueError(f"step must be >= 1, got {step}")
-    if not (budget_min > 0 and math.isfinite(budget_min)):
-        raise ValueError(f"budget_min must be a finite number of minutes > 0, got {budget_min}")
-    search = tuple(search)
-    from ..adapters.timm_channels import mlp_prunable
-
-    if "mlp" in search and not mlp_prunable(model):
-        # e.g. an MLP with a norm over its hidden channels (EVA-02's SwiGLU): search what does apply.
-        search = tuple(s for s in search if s != "mlp")
-        if not search:
-            raise ValueError("search='mlp' alone: this model's MLPs cannot lose channels exactly (see "
-                             "tokenslim.prune_channels for the reason); search merge and/or prune")
-        if progress is not None:
-            progress("this model's MLPs cannot lose channels exactly: searching " + ", ".join(search))
-    if not 0 <= confirm < 1:
-        raise ValueError(f"confirm is the share of calibration images kept for confirmation, in [0, 1); got {confirm}")
-    if finalists < 1:
-        raise ValueError(f"finalists must be >= 1, got {finalists}")
-    if not (confirm_z >= 0 and math.isfinite(confirm_z)):
-        raise ValueError(f"confirm_z must be a finite number of standard errors >= 0, got {confirm_z}")
-    if not 0 <= margin < 1:
-        raise ValueError(f"margin must lie in [0, 1), got {margin}")
+    _check_arguments(speedup, max_drop, step, budget_min, confirm, finalists, confirm_z, margin)
+    search, prune_ok = _search_space(model, search, progress)
     aim = speedup * (1 + margin) if speedup is not None else None
-    unknown = [s for s in search if s not in SEARCH_SPACES]
-    if unknown or not search:
-        raise ValueError(f"search takes a non-empty subset of {', '.join(SEARCH_SPACES)}; got {list(search)}")
-    # Pruning ranks tokens by the class token's attention: only where there is one.
-    # Pruning ranks tokens by the class token's attention and, unfused, leaves patches without a
-    # token: only where there is a class token and the head reads it alone.
-    from ..adapters.timm_vit import _pools_patches
-
-    prune_ok = "prune" in search and getattr(model, "cls_token", None) is not None and not _pools_patches(model)
     from ..methods import get_method
 
     for m in methods:
@@ -232,25 +196,78 @@ def tune(
                                "phase; give a larger budget (--budget-min)")
         raise RuntimeError("tuning found no setting that reduces anything; is the model too small for step="
                            f"{step}?")
-    confirmation = None
-    if speedup is not None:
-        reached = [c for c in finals if (c.throughput_ratio or 0) >= aim]
-        pool = reached or finals
-        best = min(pool, key=lambda c: (c.kl, -(c.throughput_ratio or 0))) if reached else \
-            max(pool, key=lambda c: c.throughput_ratio or 0)
-        if reached and confirm_data is not None:
-            # Not the lowest KL on the searched images (optimistic after ~100 candidates): the
-            # unseen images decide, leaving plain ToMe only on evidence.
-            best, confirmation = searcher.confirm(held, confirm_data, finalists, confirm_z)
-        searcher.measure(best, again=True)  # an independent re-measurement of the winner
-    else:
-        best = max(finals, key=lambda c: c.throughput_ratio or 0)
+    best, confirmation = _choose(searcher, finals, held, aim, confirm_data, finalists, confirm_z)
     result = TuneResult(setting=best.setting, best=best, candidates=searcher.candidates, target=speedup,
                         max_drop=max_drop, seconds=time.perf_counter() - start, confirmation=confirmation,
                         stopped_by_budget=searcher.out_of_time())
     if out_dir:
         result.files = write_outputs(result, out_dir)
     return result
+
+
+def _choose(searcher: Search, finals: List[Candidate], held: Optional[Candidate], aim: Optional[float],
+            confirm_data: Optional[Dataset], finalists: int, confirm_z: float):
+    """The setting returned, and the confirmation that chose it (``None`` if none ran)."""
+    if aim is None:
+        return max(finals, key=lambda c: c.throughput_ratio or 0), None
+    confirmation = None
+    reached = [c for c in finals if (c.throughput_ratio or 0) >= aim]
+    if reached:
+        best = min(reached, key=lambda c: (c.kl, -(c.throughput_ratio or 0)))
+        if confirm_data is not None:
+            # Not the lowest KL on the searched images (optimistic after ~100 candidates): the
+            # unseen images decide, leaving plain ToMe only on evidence.
+            best, confirmation = searcher.confirm(held, confirm_data, finalists, confirm_z)
+    else:
+        best = max(finals, key=lambda c: c.throughput_ratio or 0)
+    searcher.measure(best, again=True)  # an independent re-measurement of the winner
+    return best, confirmation
+
+
+def _check_arguments(speedup, max_drop, step, budget_min, confirm, finalists, confirm_z, margin) -> None:
+    """Refuse bad options before anything is evaluated, naming the argument."""
+    if (speedup is None) == (max_drop is None):
+        raise ValueError("give exactly one target: speedup=... (e.g. 1.5) or max_drop=... (points)")
+    if speedup is not None and not speedup > 1.0:
+        raise ValueError(f"speedup must be > 1 (a speed-up over the unpatched model), got {speedup}")
+    if max_drop is not None and not max_drop >= 0:
+        raise ValueError(f"max_drop must be >= 0 points, got {max_drop}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if not (budget_min > 0 and math.isfinite(budget_min)):
+        raise ValueError(f"budget_min must be a finite number of minutes > 0, got {budget_min}")
+    if not 0 <= confirm < 1:
+        raise ValueError(f"confirm is the share of calibration images kept for confirmation, in [0, 1); got {confirm}")
+    if finalists < 1:
+        raise ValueError(f"finalists must be >= 1, got {finalists}")
+    if not (confirm_z >= 0 and math.isfinite(confirm_z)):
+        raise ValueError(f"confirm_z must be a finite number of standard errors >= 0, got {confirm_z}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin must lie in [0, 1), got {margin}")
+
+
+def _search_space(model: nn.Module, search: Sequence[str],
+                  progress: Optional[Callable[[str], None]]) -> Tuple[Tuple[str, ...], bool]:
+    """What the search may change on this model, and whether pruning steps are allowed."""
+    search = tuple(search)
+    from ..adapters.timm_channels import mlp_prunable
+
+    if "mlp" in search and not mlp_prunable(model):
+        # e.g. an MLP with a norm over its hidden channels (EVA-02's SwiGLU): search what does apply.
+        search = tuple(s for s in search if s != "mlp")
+        if not search:
+            raise ValueError("search='mlp' alone: this model's MLPs cannot lose channels exactly (see "
+                             "tokenslim.prune_channels for the reason); search merge and/or prune")
+        if progress is not None:
+            progress("this model's MLPs cannot lose channels exactly: searching " + ", ".join(search))
+    unknown = [s for s in search if s not in SEARCH_SPACES]
+    if unknown or not search:
+        raise ValueError(f"search takes a non-empty subset of {', '.join(SEARCH_SPACES)}; got {list(search)}")
+    # Pruning ranks tokens by the class token's attention and, unfused, leaves patches without a
+    # token: only where there is a class token and the head reads it alone.
+    from ..adapters.timm_vit import _pools_patches
+
+    return search, "prune" in search and getattr(model, "cls_token", None) is not None and not _pools_patches(model)
 
 
 def _split(data: Dataset, share: float, seed: int):
