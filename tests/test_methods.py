@@ -233,9 +233,20 @@ def test_tome_method_is_the_default_and_exact():
     assert model.tokenslim.method == "tome"
 
 
+def _with_policy(model, method):
+    """``method="learned"`` needs a trained merge policy: a random one here, so it is not ToMe."""
+    if method == "learned":
+        from tokenslim.merge_policy import attach_policy
+
+        with torch.no_grad():
+            for p in attach_policy(model).parameters():
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(7))
+    return model
+
+
 @pytest.mark.parametrize("method", method_names())
 def test_r0_equals_unpatched_for_every_method(method):
-    model = make_model("deit_distilled")
+    model = _with_policy(make_model("deit_distilled"), method)
     x = images(2)
     with torch.no_grad():
         expected = model(x)
@@ -247,7 +258,7 @@ def test_r0_equals_unpatched_for_every_method(method):
 def test_methods_compose_with_pruning_channels_and_intermediates(method):
     from tokenslim.spec import apply_setting, parse_setting
 
-    model = make_model("vit", depth=6)
+    model = _with_policy(make_model("vit", depth=6), method)
     x = images(2)
     setting = parse_setting(f"r=4,method={method},keep_rate=0.8,prune_layers=(2,),fuse_pruned=true,mlp_pruned=0.25")
     apply_setting(model, setting)
@@ -298,7 +309,7 @@ def test_method_errors_are_clear():
 def test_patched_model_pickles_with_every_method(method):
     import pickle
 
-    model = tokenslim.patch(make_model("vit"), r=4, method=method)
+    model = tokenslim.patch(_with_policy(make_model("vit"), method), r=4, method=method)
     x = images(2)
     copy = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
