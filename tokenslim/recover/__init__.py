@@ -141,7 +141,7 @@ def recover(
         epochs: instead of ``steps``: passes over ``data`` (fractions allowed; a last partial
             global batch of each epoch is dropped).
         lr: peak learning rate (cosine decay after 5% warm-up); default 1e-3 (bias/norm), 5e-4 (LoRA),
-            1e-4 (full).
+            1e-4 (full, merge: a learned merge policy went worse at 1e-3).
         batch_size: the global batch: images per optimizer step over all ranks and accumulation
             steps (each rank takes an even share).
         accum: gradient accumulation: each rank's share is split into this many forward/backward
@@ -205,7 +205,7 @@ def recover(
     info = init_from_env()
     if info.is_main:
         _check_state_path(state_path)  # rank 0 alone writes it
-    lr = lr if lr is not None else (5e-4 if method.startswith("lora") else 1e-4 if method == "full" else 1e-3)
+    lr = lr if lr is not None else (5e-4 if method.startswith("lora") else 1e-4 if method in ("full", "merge") else 1e-3)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     names_before = {n: tuple(p.shape) for n, p in model.state_dict().items()}
 
