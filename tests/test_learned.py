@@ -142,3 +142,17 @@ def test_other_frameworks_refuse_learned_by_name():
                                                          intermediate_size=96, image_size=32, patch_size=4))
     with pytest.raises(ValueError, match="timm ViT and Eva models; the transformers adapter"):
         tokenslim.patch(model, r=2, method="learned")
+
+
+def test_a_learned_policy_exports_to_onnx_runtime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tokenslim.export import export
+
+    model = make_model("vit", depth=3)
+    with torch.no_grad():
+        for p in attach_policy(model).parameters():
+            p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(3))
+    tokenslim.patch(model, r=4, method="learned")
+    result = export(model, images(2), str(tmp_path / "learned.onnx"))
+    assert max(result.max_abs_diff.values()) <= 1e-4
