@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import tokenslim.tune as tune_module
+import tokenslim.tune.confirm as tune_confirm
 import tokenslim.tune.search as tune_search
 from conftest import images, make_model
 from test_tune import _fake_device
@@ -94,6 +95,7 @@ def _planted_tune(monkeypatch, tmp_path=None, **kw):
         return res
 
     monkeypatch.setattr(tune_search, "evaluate", planted)
+    monkeypatch.setattr(tune_confirm, "evaluate", planted)
     result = tune_module.tune(model, _data(), speedup=1.3, methods=["tome", "diffrate"], step=4,
                               search=("merge",), out_dir=str(tmp_path) if tmp_path else None, **kw)
     return result, calls

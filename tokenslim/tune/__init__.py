@@ -63,6 +63,7 @@ from torch.utils.data import Dataset
 
 from ..fingerprint import fingerprint
 from .confirm import DEFAULT_FINALISTS, DEFAULT_SHARE, DEFAULT_Z, MIN_IMAGES, Confirmation, split_indices
+from .confirm import confirm as confirm_pick
 from .record import Candidate, Journal, TuneResult, candidates_png, write_outputs
 from .search import Search
 from .space import KEEP_LEVELS, SEARCH_SPACES
@@ -217,7 +218,7 @@ def _choose(searcher: Search, finals: List[Candidate], held: Optional[Candidate]
         if confirm_data is not None:
             # Not the lowest KL on the searched images (optimistic after ~100 candidates): the
             # unseen images decide, leaving plain ToMe only on evidence.
-            best, confirmation = searcher.confirm(held, confirm_data, finalists, confirm_z)
+            best, confirmation = confirm_pick(searcher, held, confirm_data, finalists, confirm_z)
     else:
         best = max(finals, key=lambda c: c.throughput_ratio or 0)
     searcher.measure(best, again=True)  # an independent re-measurement of the winner

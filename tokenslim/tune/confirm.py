@@ -15,16 +15,20 @@ of the paired difference. So every kind of reduction is evidence-bound: channel 
 cost on unseen images the search's KL underestimates most, enters only where the confirmation
 part supports it, and the incumbent is left only on evidence.
 
-Pure functions on tensors and candidates; :meth:`tokenslim.tune.search.Search.confirm` runs the
-evaluations through the journal.
+:func:`confirm` runs the evaluations through the search's journal; the rest are pure functions
+on tensors and candidates.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+import copy
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from ..evaluate import evaluate
+from ..spec import apply_setting, parse_setting
 
 DEFAULT_SHARE = 0.25
 """Share of the calibration images kept for confirmation."""
@@ -68,8 +72,6 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
 
 def level(setting: str, incumbent: Optional[str] = None) -> int:
     """How invasive a setting is: 0 the incumbent, 1 a merge schedule, 2 with token pruning, 3 with channels."""
-    from ..spec import parse_setting
-
     if incumbent is not None and setting == incumbent:
         return 0
     parsed = parse_setting(setting)
@@ -163,5 +165,49 @@ def decide(options: Sequence[Tuple[str, float]], kls: Dict[str, List[float]], in
     return current.setting, finalists, reason
 
 
+def confirm(search: Any, held: Optional[Any], data: Any, finalists: int, z: float) -> Tuple[Any, Optional[Confirmation]]:
+    """The confirmation step after a :class:`~tokenslim.tune.search.Search`: its ``finalists`` best
+    settings that reach the aim when timed (plus the best of each kind of reduction among them)
+    and the incumbent ``held``, evaluated on ``data`` (images the search never saw; every row
+    journalled, so a resume replays it); :func:`decide` picks one.
+
+    Returns:
+        The chosen candidate and the :class:`Confirmation` (``(None, None)`` with no option).
+    """
+    reached: Dict[str, Any] = {}
+    for c in search.candidates:
+        if (c.throughput_ratio or 0) >= search.aim:
+            reached.setdefault(c.setting, c)
+    incumbent = held.setting if held is not None else None
+    if held is not None:
+        reached[held.setting] = held
+    searched = sorted((c for s, c in reached.items() if s != incumbent), key=lambda c: c.kl)
+    picked = searched[:finalists]
+    for lvl in (1, 2, 3):  # the best of every kind of reduction competes, whatever its rank
+        best_of_kind = next((c for c in searched if level(c.setting, incumbent) == lvl), None)
+        if best_of_kind is not None and best_of_kind not in picked:
+            picked.append(best_of_kind)
+    options = ([held] if held is not None else []) + picked
+    if not options:
+        return None, None
+    search.say(f"confirming {len(options)} settings on {len(data)} images the search never saw")
+    journal, ref = search.journal, None
+    for c in options:
+        if c.setting not in journal.confirms:
+            if ref is None:
+                ref = evaluate(search.model, data, keep_logits=True, **search.eval_kw).logits
+            model = apply_setting(copy.deepcopy(search.model), parse_setting(c.setting))
+            logits = evaluate(model, data, keep_logits=True, reference_logits=ref, **search.eval_kw).logits
+            journal.add("confirm", c.setting, {"kl": [round(float(v), 9) for v in per_image_kl(ref, logits)]})
+    kls = {c.setting: journal.confirms[c.setting]["kl"] for c in options}
+    chosen, tested, reason = decide([(c.setting, c.kl) for c in options], kls, incumbent, z)
+    diff, se = paired(kls[chosen], kls[incumbent]) if incumbent is not None and chosen != incumbent else (0.0, 0.0)
+    result = Confirmation(search_images=len(search.data), confirm_images=len(data),
+                          scored=len({c.setting for c in search.candidates}), incumbent=incumbent, chosen=chosen,
+                          diff=diff, se=se, z=z, reason=reason, finalists=tested)
+    search.say(result.summary())
+    return next(c for c in options if c.setting == chosen), result
+
+
 __all__ = ["Confirmation", "DEFAULT_FINALISTS", "DEFAULT_SHARE", "DEFAULT_Z", "Finalist", "LEVELS", "MIN_IMAGES",
-           "decide", "level", "paired", "per_image_kl", "split_indices"]
+           "confirm", "decide", "level", "paired", "per_image_kl", "split_indices"]

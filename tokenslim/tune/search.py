@@ -14,9 +14,10 @@ the candidates seen, the lazy-greedy bounds and the current merge step. The phas
 * :meth:`Search.refine`: merges moved between blocks at equal compute while the KL improves;
 * :meth:`Search.challenge`: plain schedules at the same compute replace the point if better;
 * :meth:`Search.contest`: at the measured aim, the weakest plain schedule of each family that
-  also reaches it when timed, the lowest KL winning;
-* :meth:`Search.confirm`: images the search never saw decide between its best few settings and
-  the incumbent (:mod:`tokenslim.tune.confirm`).
+  also reaches it when timed, the lowest KL winning.
+
+After the search, :func:`tokenslim.tune.confirm.confirm` lets images it never saw decide between
+its best few settings and the incumbent.
 
 Each phase reads and returns points and candidates; none keeps hidden state of its own.
 """
@@ -502,54 +503,6 @@ class Search:
         if current is not None and (current.throughput_ratio or 0) >= self.aim:
             current = self.contest(method, extra, point, current)
         return current
-
-    def confirm(self, held: Optional[Candidate], data: Dataset, finalists: int, z: float) -> Tuple[Candidate, Any]:
-        """The confirmation step (:mod:`tokenslim.tune.confirm`): the search's ``finalists`` best
-        settings that reach the aim when timed (plus the best of each kind of reduction among
-        them) and the incumbent ``held``, evaluated on ``data`` (images the search never saw);
-        the rule picks one. Returns the chosen candidate and the
-        :class:`~tokenslim.tune.confirm.Confirmation`."""
-        from .confirm import Confirmation, decide, level, per_image_kl
-
-        reached: Dict[str, Candidate] = {}
-        for c in self.candidates:
-            if (c.throughput_ratio or 0) >= self.aim:
-                reached.setdefault(c.setting, c)
-        incumbent = held.setting if held is not None else None
-        if held is not None:
-            reached[held.setting] = held
-        searched = sorted((c for s, c in reached.items() if s != incumbent), key=lambda c: c.kl)
-        picked = searched[:finalists]
-        for lvl in (1, 2, 3):  # the best of every kind of reduction competes, whatever its rank
-            best_of_kind = next((c for c in searched if level(c.setting, incumbent) == lvl), None)
-            if best_of_kind is not None and best_of_kind not in picked:
-                picked.append(best_of_kind)
-        options = ([held] if held is not None else []) + picked
-        if not options:
-            return None, None
-        self.say(f"confirming {len(options)} settings on {len(data)} images the search never saw")
-        ref = None
-        kls: Dict[str, List[float]] = {}
-        for c in options:
-            if c.setting not in self.journal.confirms:
-                if ref is None:
-                    ref = evaluate(self.model, data, keep_logits=True, **self.eval_kw).logits
-                model = apply_setting(copy.deepcopy(self.model), parse_setting(c.setting))
-                logits = evaluate(model, data, keep_logits=True, reference_logits=ref, **self.eval_kw).logits
-                self.journal.add("confirm", c.setting, {"kl": [round(float(v), 9) for v in per_image_kl(ref, logits)]})
-            kls[c.setting] = self.journal.confirms[c.setting]["kl"]
-        chosen, tested, reason = decide([(c.setting, c.kl) for c in options], kls, incumbent, z)
-        best = next(c for c in options if c.setting == chosen)
-        diff = se = 0.0
-        if incumbent is not None and chosen != incumbent:
-            from .confirm import paired
-
-            diff, se = paired(kls[chosen], kls[incumbent])
-        result = Confirmation(search_images=len(self.data), confirm_images=len(data),
-                              scored=len({c.setting for c in self.candidates}), incumbent=incumbent, chosen=chosen,
-                              diff=diff, se=se, z=z, reason=reason, finalists=tested)
-        self.say(result.summary())
-        return best, result
 
     def within_drop(self, method: str, extra: str) -> Optional[Candidate]:
         """The greedy walk while the drop stays within ``max_drop``; the point reached, timed."""
