@@ -21,6 +21,7 @@ on tensors and candidates.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -111,6 +112,8 @@ class Confirmation:
         z: the rule's threshold in standard errors.
         reason: one sentence saying why.
         finalists: every option, in the order the rule tested them.
+        seconds: wall time of the step in this run (a resumed step replays journalled rows and
+            costs about nothing), to set against ``TuneResult.seconds``.
     """
 
     search_images: int
@@ -123,6 +126,7 @@ class Confirmation:
     z: float
     reason: str
     finalists: List[Finalist] = field(default_factory=list)
+    seconds: float = 0.0
 
     def summary(self) -> str:
         """One line for the log."""
@@ -130,7 +134,7 @@ class Confirmation:
             return f"confirmation on {self.confirm_images} unseen images: {self.reason}"
         return (f"confirmation on {self.confirm_images} unseen images (search on {self.search_images}, {self.scored} "
                 f"settings scored): {self.chosen} vs incumbent {self.incumbent}: KL difference {self.diff:+.5f} "
-                f"+- {self.se:.5f}; {self.reason}")
+                f"+- {self.se:.5f}; {self.reason} ({self.seconds:.0f} s)")
 
 
 def decide(options: Sequence[Tuple[str, float]], kls: Dict[str, List[float]], incumbent: Optional[str],
@@ -190,6 +194,7 @@ def confirm(search: Any, held: Optional[Any], data: Any, finalists: int, z: floa
     options = ([held] if held is not None else []) + picked
     if not options:
         return None, None
+    started = time.perf_counter()
     search.say(f"confirming {len(options)} settings on {len(data)} images the search never saw")
     journal, ref = search.journal, None
     for c in options:
@@ -204,7 +209,8 @@ def confirm(search: Any, held: Optional[Any], data: Any, finalists: int, z: floa
     diff, se = paired(kls[chosen], kls[incumbent]) if incumbent is not None and chosen != incumbent else (0.0, 0.0)
     result = Confirmation(search_images=len(search.data), confirm_images=len(data),
                           scored=len({c.setting for c in search.candidates}), incumbent=incumbent, chosen=chosen,
-                          diff=diff, se=se, z=z, reason=reason, finalists=tested)
+                          diff=diff, se=se, z=z, reason=reason, finalists=tested,
+                          seconds=time.perf_counter() - started)
     search.say(result.summary())
     return next(c for c in options if c.setting == chosen), result
 
