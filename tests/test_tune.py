@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import tokenslim.tune as tune_module
-import tokenslim.tune.search as tune_search
+import tokenslim.tune.scoring as tune_search  # evaluation and timing live in scoring
 from conftest import images, make_model
 from tokenslim.measure.benchmark import Comparison, RatioEstimate
 from tokenslim.measure.macs import count_macs

@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 
 import tokenslim.tune as tune_module
 import tokenslim.tune.confirm as tune_confirm
-import tokenslim.tune.search as tune_search
+import tokenslim.tune.scoring as tune_search  # evaluation and timing live in scoring
 from conftest import images, make_model
 from test_tune import _fake_device
 from tokenslim.tune.confirm import decide, level, paired, per_image_kl, split_indices

@@ -4,6 +4,7 @@ import time
 
 import torch
 
+import tokenslim.tune.scoring as tune_scoring
 import tokenslim.tune.search as tune_search
 from conftest import make_model
 from test_tune import _data, _fake_device
@@ -106,8 +107,8 @@ def test_contest_phase_keeps_the_lowest_kl_that_reaches_the_aim(monkeypatch):
 def test_measure_times_once_through_the_journal(monkeypatch, tmp_path):
     _fake_device(monkeypatch, efficiency=1.0)
     calls = []
-    real = tune_search.compare
-    monkeypatch.setattr(tune_search, "compare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tune_scoring.compare
+    monkeypatch.setattr(tune_scoring, "compare", lambda *a, **k: calls.append(1) or real(*a, **k))
     s = _search(make_model("vit", depth=4), journal=Journal(str(tmp_path / "j.jsonl"), {}, False))
     cand = s.assess(Point((4, 0, 0, 0), (0,) * 4).text("tome"), "tome", "test")
     first = s.measure(cand)

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+from .settings_checks import (check_bool, check_keep_rate, check_method, check_option, check_prune_layers,
+                              check_pruning, check_rope)
+
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
 """How many tokens to merge per block.
 
@@ -203,22 +206,11 @@ class ReductionSettings:
             :mod:`tokenslim.ops.rope`); ``None``: the default (``"blend"``). Rotary models only.
     """
 
-    def __init__(
-        self,
-        depth: int,
-        r: RSpec = 0,
-        keep_rate: Optional[Union[float, Sequence[float]]] = None,
-        prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
-        fuse_pruned: bool = False,
-        prop_attn: Optional[bool] = None,
-        has_class_token: bool = True,
-        method: str = "tome",
-        threshold: Optional[float] = None,
-        margin: Optional[float] = None,
-        pools_patches: bool = False,
-        rope: Optional[str] = None,
-        has_rope: bool = False,
-    ) -> None:
+    def __init__(self, depth: int, r: RSpec = 0, keep_rate: Optional[Union[float, Sequence[float]]] = None,
+                 prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS, fuse_pruned: bool = False,
+                 prop_attn: Optional[bool] = None, has_class_token: bool = True, method: str = "tome",
+                 threshold: Optional[float] = None, margin: Optional[float] = None, pools_patches: bool = False,
+                 rope: Optional[str] = None, has_rope: bool = False) -> None:
         self._depth = int(depth)
         self._has_rope = bool(has_rope)
         self._pools_patches = bool(pools_patches)
@@ -263,19 +255,7 @@ class ReductionSettings:
 
     @method.setter
     def method(self, value: str) -> None:
-        from .methods import get_method
-
-        method = get_method(value)
-        if method.needs_class_token and not self._has_class_token:
-            raise ValueError(
-                f"method {method.name!r} ranks tokens by the class token's attention, and this model has no class "
-                "token (class_token=False); use method='tome', 'mlerp', 'pitome' or 'atc'"
-            )
-        for name, current in getattr(self, "_options", {}).items():
-            if current is not None and method.option != name:
-                raise ValueError(f"{name}= is an option of another method, not of {method.name!r}; "
-                                 f"set {name}=None first")
-        self._method = method
+        self._method = check_method(value, self._has_class_token, getattr(self, "_options", {}))
 
     @property
     def method_spec(self):
@@ -301,18 +281,7 @@ class ReductionSettings:
         self._set_option("margin", value)
 
     def _set_option(self, name: str, value: Optional[float]) -> None:
-        if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number or None, got {type(value).__name__}")
-            if self._method.option != name:
-                owner = {"threshold": "ppt", "margin": "pitome"}[name]
-                raise ValueError(f"{name}= is an option of method={owner!r}, not of method={self._method.name!r}")
-            value = float(value)
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} must be a finite number, got {value}")
-            if name == "threshold" and value < 0:
-                raise ValueError(f"threshold is a variance and must be >= 0, got {value}")
-        self._options = {**self._options, name: value}
+        self._options = {**self._options, name: check_option(name, value, self._method)}
 
     @property
     def rope(self) -> Optional[str]:
@@ -321,16 +290,7 @@ class ReductionSettings:
 
     @rope.setter
     def rope(self, value: Optional[str]) -> None:
-        from .ops.rope import ROPE_TREATMENTS
-
-        if value is not None:
-            if not self._has_rope:
-                raise ValueError("rope= sets how merged tokens get their rotary positions, and this model has no "
-                                 "rotary position embedding; leave rope unset")
-            if not isinstance(value, str) or value.lower() not in ROPE_TREATMENTS:
-                raise ValueError(f"rope must be one of {', '.join(ROPE_TREATMENTS)}, got {value!r}")
-            value = value.lower()
-        self._rope = value
+        self._rope = check_rope(value, self._has_rope)
 
     @property
     def rope_treatment(self) -> str:
@@ -365,28 +325,10 @@ class ReductionSettings:
 
     @prune_layers.setter
     def prune_layers(self, value: Sequence[int]) -> None:
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise TypeError(f"prune_layers must be a sequence of block indices, got {type(value).__name__}")
-        layers = tuple(value)
-        for i in layers:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise TypeError(f"prune_layers must hold ints, got {i!r}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"prune_layers has repeated blocks: {layers}")
+        layers = check_prune_layers(value)
         if self._keep_rate is not None:
-            self._check_prune_layers(layers, self._keep_rate)
+            check_pruning(layers, self._keep_rate, self._depth)
         self._prune_layers = layers
-
-    def _check_prune_layers(self, layers: Tuple[int, ...], rates) -> None:
-        # Only checked while pruning is on: the default (3, 6, 9) must not break shallow models.
-        for i in layers:
-            if not 0 <= i < self._depth:
-                raise ValueError(
-                    f"prune layer {i} is out of range for a model with {self._depth} blocks; "
-                    "pass prune_layers=... with 0-based block indices"
-                )
-        if not isinstance(rates, float) and len(rates) != len(layers):
-            raise ValueError(f"keep_rate lists {len(rates)} rates for {len(layers)} pruning blocks {layers}")
 
     @property
     def keep_rate(self) -> Optional[Union[float, Tuple[float, ...]]]:
@@ -394,28 +336,9 @@ class ReductionSettings:
 
     @keep_rate.setter
     def keep_rate(self, value: Optional[Union[float, Sequence[float]]]) -> None:
-        if value is None:
-            self._keep_rate = None
-            return
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            rates: Union[float, Tuple[float, ...]] = float(value)
-            check = [rates]
-        elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-            rates = tuple(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value)
-            check = list(rates)
-        else:
-            raise TypeError(f"keep_rate must be a float in (0, 1], a list of them, or None; got {type(value).__name__}")
-        for v in check:
-            if not isinstance(v, float):
-                raise TypeError(f"keep_rate values must be numbers, got {v!r}")
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"keep_rate must lie in (0, 1], got {v}")
-        if not self._has_class_token and any(v < 1.0 for v in check):
-            raise ValueError(
-                "attention-score pruning ranks tokens by the class token's attention, and this model has no "
-                "class token (class_token=False); use token merging (r=...) instead"
-            )
-        self._check_prune_layers(self._prune_layers, rates)
+        rates = check_keep_rate(value, self._has_class_token)
+        if rates is not None:
+            check_pruning(self._prune_layers, rates, self._depth)
         self._keep_rate = rates
 
     @property
@@ -435,9 +358,7 @@ class ReductionSettings:
 
     @fuse_pruned.setter
     def fuse_pruned(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"fuse_pruned must be a bool, got {type(value).__name__}")
-        self._fuse_pruned = value
+        self._fuse_pruned = check_bool("fuse_pruned", value)
 
     @property
     def prop_attn(self) -> Optional[bool]:
@@ -446,9 +367,7 @@ class ReductionSettings:
 
     @prop_attn.setter
     def prop_attn(self, value: Optional[bool]) -> None:
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"prop_attn must be a bool or None, got {type(value).__name__}")
-        self._prop_attn = value
+        self._prop_attn = check_bool("prop_attn", value, optional=True)
 
     @property
     def uses_prop_attn(self) -> bool:

@@ -1,7 +1,8 @@
 """Checks that an installed framework is a release whose internals tokenslim is tested against."""
 from __future__ import annotations
 
-from typing import Tuple
+import importlib
+from typing import Optional, Tuple
 
 
 def version_tuple(version: str) -> Tuple[int, ...]:
@@ -33,3 +34,11 @@ def check_release(package: str, version: str, lowest: Tuple[int, ...], highest: 
             f"{'.'.join(map(str, highest)).replace('.999', '.x')}; {package} {version} is installed. "
             f"Install a tested release: pip install '{install}'"
         )
+
+
+def check_installed(module: str, version: Optional[str], package: str, lowest: Tuple[int, ...],
+                    highest: Tuple[int, ...], what: str, install: str) -> None:
+    """:func:`check_release` on ``version``, or on the installed ``module.__version__`` when ``None``."""
+    if version is None:
+        version = importlib.import_module(module).__version__
+    check_release(package, version, lowest, highest, what, install)

@@ -31,7 +31,7 @@ from ..ops import unmerge
 from ..ops.attention import AttentionResult, reducing_attention
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import ReductionSettings
-from ..versions import check_release
+from ..versions import check_installed
 from .calls import base_class, call_through, check_reducible, hooked_by_name, unhook_all, wire
 
 TRANSFORMERS_MIN = (5, 24, 0)
@@ -40,11 +40,7 @@ TRANSFORMERS_MAX = (5, 24, 999)
 
 def check_transformers_version(version: Optional[str] = None) -> None:
     """Raise a clear error unless the installed ``transformers`` is a release tokenslim is tested with."""
-    if version is None:
-        import transformers
-
-        version = transformers.__version__
-    check_release("transformers", version, TRANSFORMERS_MIN, TRANSFORMERS_MAX, "the layer internals of transformers",
+    check_installed("transformers", version, "transformers", TRANSFORMERS_MIN, TRANSFORMERS_MAX, "the layer internals of transformers",
                   "transformers>=5.24,<5.25")
 
 

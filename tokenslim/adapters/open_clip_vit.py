@@ -22,7 +22,7 @@ from ..ops import unmerge
 from ..ops.attention import AttentionResult, reducing_attention
 from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
 from ..schedule import ReductionSettings
-from ..versions import check_release
+from ..versions import check_installed
 from .calls import base_class, call_through, check_reducible, hooked_by_name, unhook_all, wire
 
 OPEN_CLIP_MIN = (3, 0, 0)
@@ -31,11 +31,7 @@ OPEN_CLIP_MAX = (3, 3, 999)
 
 def check_open_clip_version(version: Optional[str] = None) -> None:
     """Raise a clear error unless the installed ``open_clip`` is a release tokenslim is tested with."""
-    if version is None:
-        import open_clip
-
-        version = open_clip.__version__
-    check_release("open_clip_torch", version, OPEN_CLIP_MIN, OPEN_CLIP_MAX, "open_clip's ResidualAttentionBlock",
+    check_installed("open_clip", version, "open_clip_torch", OPEN_CLIP_MIN, OPEN_CLIP_MAX, "open_clip's ResidualAttentionBlock",
                   "open_clip_torch>=3.0,<3.4")
 
 

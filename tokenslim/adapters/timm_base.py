@@ -7,9 +7,15 @@ subclasses :class:`TimmReducing` and supplies only what differs:
 
 * ``_tokenslim_embed(x) -> (tokens, context)``: embeddings up to the first block, and whatever
   its blocks need beside the tokens (the rotary table and grid for Eva; ``None`` for ViT);
-* ``_tokenslim_blocks(x, context, attn_mask, is_causal, take_indices, last_index, track_source)``
-  ``-> (tokens, sizes, source, has_dropped, taken)``: the blocks with reduction;
-* ``_tokenslim_check_plan(plan)``: a refusal of its own (optional).
+* ``_tokenslim_reducing_block``: its block with reduction, ``(block, x, sizes, source, step,
+  *extra) -> (x, sizes, source)``, called through the block's ``__call__`` so hooks fire;
+* ``_tokenslim_plain_block(i, block, x, state, attn_mask, is_causal, checkpointing)``: its block
+  as the framework calls it, before anything is reduced;
+* ``_tokenslim_check_block(i, block)``: the refusal of a block it cannot reduce;
+* optionally ``_tokenslim_state(context, x)`` (per-forward state of its blocks, e.g. rotary
+  tables), ``_tokenslim_block_args(i, state, source, num_tokens)`` (what its reducing block takes
+  beyond the tokens), ``_tokenslim_source_needed`` (the source map is composed even when the caller
+  does not read it) and ``_tokenslim_check_plan(plan)`` (a refusal of its own).
 
 A next timm family is a file of what is new about it.
 """
@@ -19,12 +25,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..input_size import resolve_img_size
+from ..merge_policy import missing_policy_error, policy_of
 from ..ops import unmerge
+from ..reduction import block_steps
 from ..schedule import ReductionSettings, TokenPlan, plan_tokens
+from .calls import call_through
+
+Taken = List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]
 
 
 @dataclass
@@ -64,6 +76,65 @@ class TimmReducing:
     def _tokenslim_check_plan(self, plan: TokenPlan) -> None:
         """A family's own refusal of a plan (none by default)."""
 
+    _tokenslim_source_needed = False
+
+    def _tokenslim_state(self, context: Any, x: torch.Tensor) -> Any:
+        """Per-forward state the family's blocks read (none by default)."""
+        return None
+
+    def _tokenslim_block_args(self, i: int, state: Any, source: Optional[torch.Tensor], num_tokens: int) -> tuple:
+        """What block ``i``'s reducing call takes beyond tokens, sizes, source and step (nothing by default)."""
+        return ()
+
+    def _tokenslim_blocks(self, x: torch.Tensor, context: Any, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                          take_indices: Optional[List[int]] = None, last_index: Optional[int] = None,
+                          track_source: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor],
+                                                              Optional[torch.Tensor], bool, Taken]:
+        """Run the blocks.
+
+        Returns tokens, sizes, source map, whether pruning dropped tokens without fusion, and
+        ``(tokens, source, has_dropped)`` of every block in ``take_indices``. With
+        ``track_source=False`` no source map is composed (it is returned as ``None``) unless the
+        family needs it: for callers that read the prefix tokens only.
+        """
+        plan = self.tokenslim_plan(x.shape[1])
+        if plan.reduces and (attn_mask is not None or is_causal):
+            raise ValueError(
+                "attn_mask / is_causal cannot be combined with token reduction: reduced tokens no "
+                "longer line up with the mask. Set r=0 and keep_rate=None to use masks."
+            )
+        state = self._tokenslim_state(context, x)
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        sizes: Optional[torch.Tensor] = None
+        source: Optional[torch.Tensor] = None
+        has_dropped = reduced = False
+        taken: Taken = []
+        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens, policy_of(self))
+        for i, (block, step) in enumerate(zip(self.blocks, steps)):
+            if last_index is not None and i > last_index:
+                break
+            has_dropped = plan.dropped[i]
+            if not reduced and not step.reduces:
+                # Nothing reduced yet: the framework's own block, so no reduction is the unpatched computation.
+                x = self._tokenslim_plain_block(i, block, x, state, attn_mask, is_causal, checkpointing)
+            else:
+                self._tokenslim_check_block(i, block)
+                reduced = True
+                extra = self._tokenslim_block_args(i, state, source, x.shape[1])
+                # Through block.__call__, so the block's hooks fire (tokenslim.adapters.calls).
+                if checkpointing:
+                    x, sizes, source = torch.utils.checkpoint.checkpoint(
+                        call_through, block, self._tokenslim_reducing_block, x, sizes, source, step, *extra,
+                        use_reentrant=False)
+                else:
+                    x, sizes, source = call_through(block, self._tokenslim_reducing_block, x, sizes, source, step,
+                                                    *extra)
+                if not track_source and not self._tokenslim_source_needed:
+                    source = None  # composing it is all the cost: a block's own map comes free
+            if take_indices is not None and i in take_indices:
+                taken.append((x, source, has_dropped))
+        return x, sizes, source, has_dropped, taken
+
     def _tokenslim_final(self, x: torch.Tensor, source: Optional[torch.Tensor], has_dropped: bool) -> torch.Tensor:
         x = self.norm(x)  # per token: norming before the unmerge gather is exact and cheaper
         return x if source is None else unmerge(x, source, has_dropped)
@@ -80,18 +151,18 @@ class TimmReducing:
         x, _, source, dropped, _ = self._tokenslim_blocks(x, context, attn_mask, is_causal)
         return self._tokenslim_final(x, source, dropped)
 
-    def _tokenslim_intermediates(
+    def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]],
-        return_prefix_tokens: bool,
-        norm: bool,
-        stop_early: bool,
-        output_fmt: str,
-        intermediates_only: bool,
-        output_dict: bool,
-        attn_mask: Optional[torch.Tensor],
-        is_causal: bool,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """timm's ``forward_intermediates`` with token reduction.
 
@@ -133,6 +204,16 @@ class TimmReducing:
         if intermediates_only:
             return intermediates
         return self._tokenslim_final(x, source, dropped), intermediates
+
+
+def reduction_settings(model: nn.Module, pools_patches: bool, r: Any = 0, **settings: Any) -> ReductionSettings:
+    """The :class:`~tokenslim.schedule.ReductionSettings` of a timm model (validated before anything
+    changes); ``method="learned"`` needs the merge policy attached first."""
+    result = ReductionSettings(len(model.blocks), r=r, has_class_token=getattr(model, "cls_token", None) is not None,
+                               pools_patches=pools_patches, **settings)
+    if result.method == "learned" and policy_of(model) is None:
+        raise missing_policy_error()
+    return result
 
 
 def trace_merges(model: nn.Module, images: torch.Tensor, is_patched: Callable[[nn.Module], bool]) -> MergeTrace:

@@ -20,7 +20,7 @@ look alike match wherever they are; the rotation is then the treatment's busines
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,9 @@ from torch import nn
 from ..ops.attention import AttentionResult, head_mean, reducing_attention
 from ..ops.positions import grid_positions, token_positions
 from ..ops.rope import affine_angles, check_affine, is_local, reduced_rotary, rotation_of
-from ..merge_policy import detach_policy, missing_policy_error, policy_of
-from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
-from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan
+from ..merge_policy import detach_policy
+from ..reduction import BlockStep, reduce_step, step_log_size
+from ..schedule import RSpec, TokenPlan
 from . import timm_base
 from .calls import base_class, call_through, check_reducible, class_lookup, unhook_all, wire
 from .timm_base import MergeTrace, TimmReducing
@@ -210,59 +210,27 @@ class TokenSlimEva(TimmReducing, Eva):
         x, rope = self._pos_embed(x)
         return self.norm_pre(x), (rope, grid_hw)
 
-    def _tokenslim_blocks(
-        self,
-        x: torch.Tensor,
-        context: Tuple[Optional[torch.Tensor], Tuple[int, int]],
-        attn_mask: Optional[torch.Tensor],
-        is_causal: bool,
-        take_indices: Optional[List[int]] = None,
-        last_index: Optional[int] = None,
-        track_source: bool = True,
-    ):
-        """Run the blocks; returns tokens, sizes, source map, whether tokens were dropped, and
-        ``(tokens, source, has_dropped)`` of every block in ``take_indices``. The source map is
-        always composed (``track_source`` is accepted for the shared callers): the rotary tables
-        of merged tokens follow it."""
-        plan = self.tokenslim_plan(x.shape[1])
-        if plan.reduces and (attn_mask is not None or is_causal):
-            raise ValueError(
-                "attn_mask / is_causal cannot be combined with token reduction: reduced tokens no "
-                "longer line up with the mask. Set r=0 and keep_rate=None to use masks."
-            )
+    _tokenslim_reducing_block = staticmethod(reducing_block)
+    _tokenslim_source_needed = True  # the rotary tables of merged tokens follow the source map
+
+    def _tokenslim_state(self, context: Tuple[Optional[torch.Tensor], Tuple[int, int]],
+                         x: torch.Tensor) -> "_RotaryState":
         rope, grid_hw = context
-        rotary = _RotaryState(self, rope, grid_hw, x.device)
-        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        sizes: Optional[torch.Tensor] = None
-        source: Optional[torch.Tensor] = None
-        has_dropped = reduced = False
-        taken = []
-        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens, policy_of(self))
-        for i, (block, step) in enumerate(zip(self.blocks, steps)):
-            if last_index is not None and i > last_index:
-                break
-            has_dropped = plan.dropped[i]
-            if not reduced and not step.reduces:
-                table = rotary.block_table(i)
-                if checkpointing:
-                    x = torch.utils.checkpoint.checkpoint(block, x, table, attn_mask, is_causal, use_reentrant=False)
-                else:
-                    x = block(x, rope=table, attn_mask=attn_mask, is_causal=is_causal)
-            else:
-                _check_block(i, block)
-                reduced = True
-                table = rotary.reduced(i, source, x.shape[1])
-                # Through block.__call__, so the block's hooks fire (tokenslim.adapters.calls).
-                if checkpointing:
-                    x, sizes, source = torch.utils.checkpoint.checkpoint(
-                        call_through, block, reducing_block, x, sizes, source, step, table, rotary.local_grid(),
-                        use_reentrant=False)
-                else:
-                    x, sizes, source = call_through(block, reducing_block, x, sizes, source, step, table,
-                                                    rotary.local_grid())
-            if take_indices is not None and i in take_indices:
-                taken.append((x, source, has_dropped))
-        return x, sizes, source, has_dropped, taken
+        return _RotaryState(self, rope, grid_hw, x.device)
+
+    def _tokenslim_plain_block(self, i: int, block: nn.Module, x: torch.Tensor, state: "_RotaryState",
+                               attn_mask: Optional[torch.Tensor], is_causal: bool, checkpointing: bool) -> torch.Tensor:
+        table = state.block_table(i)
+        if checkpointing:
+            return torch.utils.checkpoint.checkpoint(block, x, table, attn_mask, is_causal, use_reentrant=False)
+        return block(x, rope=table, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _tokenslim_check_block(self, i: int, block: nn.Module) -> None:
+        _check_block(i, block)
+
+    def _tokenslim_block_args(self, i: int, state: "_RotaryState", source: Optional[torch.Tensor],
+                              num_tokens: int) -> tuple:
+        return state.reduced(i, source, num_tokens), state.local_grid()
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -272,23 +240,6 @@ class TokenSlimEva(TimmReducing, Eva):
         x, context = self._tokenslim_embed(x)
         x, _, _, _, _ = self._tokenslim_blocks(x, context, attn_mask, is_causal)
         return self.forward_head(self.norm(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        attn_mask: Optional[torch.Tensor] = None,
-        is_causal: bool = False,
-    ):
-        """timm's ``forward_intermediates`` with token reduction: ``NLC`` gives each block's reduced
-        tokens, ``NCHW`` unmerges them onto the full patch grid (zero where pruning dropped a patch)."""
-        return self._tokenslim_intermediates(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
-                                             intermediates_only, False, attn_mask, is_causal)
 
 
 def _check_block(i: int, block: nn.Module) -> None:
@@ -331,18 +282,7 @@ def has_rope(model: nn.Module) -> bool:
     return getattr(model, "rope", None) is not None
 
 
-def patch(
-    model: nn.Module,
-    r: RSpec = 0,
-    keep_rate: Optional[Union[float, Sequence[float]]] = None,
-    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
-    fuse_pruned: bool = False,
-    prop_attn: Optional[bool] = None,
-    method: str = "tome",
-    threshold: Optional[float] = None,
-    margin: Optional[float] = None,
-    rope: Optional[str] = None,
-) -> nn.Module:
+def patch(model: nn.Module, r: RSpec = 0, **settings: Any) -> nn.Module:
     """Patch a timm ``Eva`` model (DINOv3, EVA-02, Perception Encoder, RoPE-ViT) in place.
 
     Takes the settings of :func:`tokenslim.adapters.timm_vit.patch`, plus ``rope``: how a merged
@@ -355,19 +295,13 @@ def patch(
     """
     check_timm_version()
     _check_supported(model)
-    settings = ReductionSettings(
-        len(model.blocks), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
-        prop_attn=prop_attn, has_class_token=model.cls_token is not None, method=method,
-        threshold=threshold, margin=margin, pools_patches=_pools_patches(model), rope=rope, has_rope=has_rope(model),
-    )
+    settings = timm_base.reduction_settings(model, _pools_patches(model), r, has_rope=has_rope(model), **settings)
     if is_local(settings.rope_treatment) and has_rope(model) and any(settings.r_schedule) \
             and not settings.method_spec.local_merging:
         raise ValueError(f"rope={settings.rope_treatment!r} restricts ToMe's matching to spatial neighbours, and method "
                          f"{settings.method!r} does not use that matching; use method='tome' or 'mlerp'")
     if has_rope(model) and rotation_of(settings.rope_treatment) == "mean":
         _check_rope_table(model)
-    if settings.method == "learned" and policy_of(model) is None:
-        raise missing_policy_error()
     model.tokenslim = settings
     model.__class__ = TokenSlimEva
     wire(model.blocks, lambda block: block.attn, __name__)

@@ -19,7 +19,7 @@ Design:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.utils.checkpoint
@@ -32,10 +32,10 @@ from ..ops.attention import AttentionResult, reducing_attention
 from . import timm_base
 from .calls import base_class, call_through, check_reducible, class_lookup, unhook_all, wire
 from .timm_base import MergeTrace, TimmReducing
-from ..merge_policy import detach_policy, missing_policy_error, policy_of
-from ..reduction import BlockStep, block_steps, reduce_step, step_log_size
-from ..schedule import DEFAULT_PRUNE_LAYERS, ReductionSettings, RSpec, TokenPlan
-from ..versions import check_release
+from ..merge_policy import detach_policy
+from ..reduction import BlockStep, reduce_step, step_log_size
+from ..schedule import RSpec, TokenPlan
+from ..versions import check_installed
 
 TIMM_MIN = (1, 0, 28)
 TIMM_MAX = (1, 0, 31)
@@ -43,12 +43,8 @@ TIMM_MAX = (1, 0, 31)
 
 def check_timm_version(version: Optional[str] = None) -> None:
     """Raise a clear error unless the installed timm is a release tokenslim is tested against."""
-    if version is None:
-        import timm
-
-        version = timm.__version__
     lo, hi = ".".join(map(str, TIMM_MIN)), ".".join(map(str, TIMM_MAX))
-    check_release("timm", version, TIMM_MIN, TIMM_MAX, "timm's Block/Attention internals", f"timm>={lo},<={hi}")
+    check_installed("timm", version, "timm", TIMM_MIN, TIMM_MAX, "timm's Block/Attention internals", f"timm>={lo},<={hi}")
 
 
 HEAD_MASK_BUFFER = "tokenslim_head_mask"
@@ -155,61 +151,17 @@ class _TokenSlimMixin(TimmReducing):
         x = self.patch_drop(x)
         return self.norm_pre(x), None
 
-    def _tokenslim_blocks(
-        self,
-        x: torch.Tensor,
-        context: None,
-        attn_mask: Optional[torch.Tensor],
-        is_causal: bool,
-        take_indices: Optional[List[int]] = None,
-        last_index: Optional[int] = None,
-        track_source: bool = True,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], bool, List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]]:
-        """Run the blocks.
+    _tokenslim_reducing_block = staticmethod(reducing_block)
 
-        Returns tokens, sizes, source map, whether pruning dropped tokens without fusion, and
-        ``(tokens, source, has_dropped)`` of every block in ``take_indices``. With
-        ``track_source=False`` no source map is composed (it is returned as ``None``): for callers
-        that read the prefix tokens only.
-        """
-        plan = self.tokenslim_plan(x.shape[1])
-        if plan.reduces and (attn_mask is not None or is_causal):
-            raise ValueError(
-                "attn_mask / is_causal cannot be combined with token reduction: reduced tokens no "
-                "longer line up with the mask. Set r=0 and keep_rate=None to use masks."
-            )
-        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        sizes: Optional[torch.Tensor] = None
-        source: Optional[torch.Tensor] = None
-        has_dropped = reduced = False
-        taken: List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]] = []
-        steps = block_steps(self.tokenslim, plan, self.num_prefix_tokens, policy_of(self))
-        for i, (block, step) in enumerate(zip(self.blocks, steps)):
-            if last_index is not None and i > last_index:
-                break
-            has_dropped = plan.dropped[i]
-            if not reduced and not step.reduces:
-                # Nothing reduced yet: timm's own block, so no reduction is the unpatched computation.
-                if checkpointing:
-                    x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
-                else:
-                    x = block(x, attn_mask=attn_mask, is_causal=is_causal)
-            else:
-                check_reducible(i, block, getattr(block, "attn", None), SUPPORTED_BLOCKS, SUPPORTED_ATTENTION,
-                                "timm's Block with Attention")
-                reduced = True
-                # Through block.__call__, so the block's hooks fire (tokenslim.adapters.calls).
-                if checkpointing:
-                    x, sizes, source = torch.utils.checkpoint.checkpoint(
-                        call_through, block, reducing_block, x, sizes, source, step, use_reentrant=False
-                    )
-                else:
-                    x, sizes, source = call_through(block, reducing_block, x, sizes, source, step)
-                if not track_source:
-                    source = None  # composing it is all the cost: a block's own map comes free
-            if take_indices is not None and i in take_indices:
-                taken.append((x, source, has_dropped))
-        return x, sizes, source, has_dropped, taken
+    def _tokenslim_plain_block(self, i: int, block: nn.Module, x: torch.Tensor, state: None,
+                               attn_mask: Optional[torch.Tensor], is_causal: bool, checkpointing: bool) -> torch.Tensor:
+        if checkpointing:
+            return torch.utils.checkpoint.checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+        return block(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _tokenslim_check_block(self, i: int, block: nn.Module) -> None:
+        check_reducible(i, block, getattr(block, "attn", None), SUPPORTED_BLOCKS, SUPPORTED_ATTENTION,
+                        "timm's Block with Attention")
 
     def forward(
         self,
@@ -225,24 +177,6 @@ class _TokenSlimMixin(TimmReducing):
         x, context = self._tokenslim_embed(x)
         x, _, _, _, _ = self._tokenslim_blocks(x, context, attn_mask, is_causal, track_source=False)
         return self.forward_head(self.norm(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        output_dict: bool = False,
-        attn_mask: Optional[torch.Tensor] = None,
-        is_causal: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
-        """timm's ``forward_intermediates`` with token reduction (see
-        :meth:`~tokenslim.adapters.timm_base.TimmReducing._tokenslim_intermediates`)."""
-        return self._tokenslim_intermediates(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
-                                             intermediates_only, output_dict, attn_mask, is_causal)
 
 
 class TokenSlimVisionTransformer(_TokenSlimMixin, VisionTransformer):
@@ -312,18 +246,11 @@ def _refuse_drops_with_patch_pooling(model: nn.Module) -> None:
         )
 
 
-def patch(
-    model: nn.Module,
-    r: RSpec = 0,
-    keep_rate: Optional[Union[float, Sequence[float]]] = None,
-    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS,
-    fuse_pruned: bool = False,
-    prop_attn: Optional[bool] = None,
-    method: str = "tome",
-    threshold: Optional[float] = None,
-    margin: Optional[float] = None,
-) -> nn.Module:
+def patch(model: nn.Module, r: RSpec = 0, **settings: Any) -> nn.Module:
     """Patch a timm Vision Transformer in place for token merging and/or pruning.
+
+    ``r`` and the keyword settings are those of :class:`~tokenslim.schedule.ReductionSettings`
+    (an unknown keyword is a ``TypeError``).
 
     Args:
         model: a timm ``VisionTransformer`` or ``VisionTransformerDistilled`` built from
@@ -356,14 +283,7 @@ def patch(
     """
     check_timm_version()
     _check_supported(model)
-    settings = ReductionSettings(
-        len(model.blocks), r=r, keep_rate=keep_rate, prune_layers=prune_layers, fuse_pruned=fuse_pruned,
-        prop_attn=prop_attn, has_class_token=model.cls_token is not None, method=method,
-        threshold=threshold, margin=margin, pools_patches=_pools_patches(model),
-    )
-    if settings.method == "learned" and policy_of(model) is None:
-        raise missing_policy_error()
-    model.tokenslim = settings
+    model.tokenslim = timm_base.reduction_settings(model, _pools_patches(model), r, **settings)
     model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
     wire(model.blocks, lambda block: block.attn, __name__)
     return model

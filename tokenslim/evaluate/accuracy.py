@@ -111,6 +111,56 @@ def evaluate(
         keep_logits: keep this model's ``[len(data), classes]`` float32 logits as ``result.logits``
             (not part of :meth:`EvalResult.to_dict`).
     """
+    _check_inputs(model, data, reference, reference_logits, batch_size)
+    info = dist_utils.current()
+    if device is None:
+        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dtype, amp_dtype = resolve_precision(precision)
+    models = [m.eval().to(device=device, dtype=dtype) for m in ([model] + ([reference] if reference else []))]
+    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+
+    part = dist_utils.shard(data, info)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    counts = torch.zeros(7, dtype=torch.int64)  # see _count_batch
+    sums = torch.zeros(2, dtype=torch.float64)
+    bar = _progress_bar(len(data), progress and info.is_main, label)
+    start = time.perf_counter()
+    kept: list = []
+    offset = 0
+    for images, target in loader:
+        images = images.to(device=device, dtype=dtype, non_blocking=True)
+        target = target.to(device)
+        with amp():
+            logits = models[0](images).float()
+        ref_logits = None
+        if reference_logits is not None:
+            ref_logits = reference_logits[offset:offset + images.shape[0]].to(device).float()
+        elif reference is not None:
+            with amp():
+                ref_logits = models[1](images).float()
+        _count_batch(counts, sums, logits, target, ref_logits)
+        if keep_logits:
+            kept.append(logits.cpu())
+        # Progress counts all ranks' images, estimated from this rank's share.
+        bar.update(images.shape[0] * info.world_size)
+        offset += images.shape[0]
+    bar.close()
+    dist_utils.all_reduce_sum(counts, info)
+    dist_utils.all_reduce_sum(sums, info)
+    result = _result(counts, sums, reference is not None or reference_logits is not None,
+                     seconds=time.perf_counter() - start, world_size=info.world_size, device=str(device),
+                     precision=precision, settings=model.tokenslim.as_dict() if hasattr(model, "tokenslim") else {},
+                     versions=_versions())
+    if keep_logits:
+        result.logits = torch.cat(kept) if kept else None
+    return result
+
+
+def _check_inputs(model: nn.Module, data: Dataset, reference: Optional[nn.Module],
+                  reference_logits: Optional[torch.Tensor], batch_size: int) -> None:
+    """Refuse what cannot be evaluated before any image is read, saying what to change."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     num_classes = getattr(model, "num_classes", None)
@@ -128,59 +178,33 @@ def evaluate(
             raise ValueError("reference_logits works in a single process only; pass reference= under torchrun")
         if reference_logits.shape[0] != len(data):
             raise ValueError(f"reference_logits has {reference_logits.shape[0]} rows for {len(data)} images")
-    info = dist_utils.current()
-    if device is None:
-        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    dtype, amp_dtype = resolve_precision(precision)
-    models = [m.eval().to(device=device, dtype=dtype) for m in ([model] + ([reference] if reference else []))]
-    amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
-    part = dist_utils.shard(data, info)
-    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    # counts: correct1, correct5, images, agree, ref_correct1, sum(d), sum(|d|) for d = c1 - ref_c1
-    counts = torch.zeros(7, dtype=torch.int64)
-    sums = torch.zeros(2, dtype=torch.float64)  # loss, KL
-    bar = _progress_bar(len(data), progress and info.is_main, label)
-    start = time.perf_counter()
-    kept: list = []
-    offset = 0
-    for images, target in loader:
-        images = images.to(device=device, dtype=dtype, non_blocking=True)
-        target = target.to(device)
-        with amp():
-            logits = models[0](images).float()
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        c1 = top5[:, 0] == target
-        counts[0] += int(c1.sum())
-        counts[1] += int((top5 == target[:, None]).any(-1).sum())
-        counts[2] += images.shape[0]
-        labelled = (target >= 0) & (target < logits.shape[-1])  # unlabelled images (e.g. -1) add no loss
-        if bool(labelled.any()):
-            sums[0] += float(F.cross_entropy(logits[labelled], target[labelled], reduction="sum").double())
-        if keep_logits:
-            kept.append(logits.cpu())
-        if reference is not None or reference_logits is not None:
-            if reference_logits is not None:
-                ref_logits = reference_logits[offset:offset + images.shape[0]].to(device).float()
-            else:
-                with amp():
-                    ref_logits = models[1](images).float()
-            ref_c1 = ref_logits.argmax(-1) == target
-            counts[3] += int((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
-            counts[4] += int(ref_c1.sum())
-            d = c1.long() - ref_c1.long()
-            counts[5] += int(d.sum())
-            counts[6] += int(d.abs().sum())
-            ref_logp = ref_logits.log_softmax(-1).double()
-            sums[1] += float((ref_logp.exp() * (ref_logp - logits.log_softmax(-1).double())).sum())
-        # Progress counts all ranks' images, estimated from this rank's share.
-        bar.update(images.shape[0] * info.world_size)
-        offset += images.shape[0]
-    bar.close()
-    dist_utils.all_reduce_sum(counts, info)
-    dist_utils.all_reduce_sum(sums, info)
+
+# counts: correct1, correct5, images, agree, ref_correct1, sum(d), sum(|d|) for d = c1 - ref_c1; sums: loss, KL
+def _count_batch(counts: torch.Tensor, sums: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                 ref_logits: Optional[torch.Tensor]) -> None:
+    """Add one batch to the integer ``counts`` and float64 ``sums`` (summed over ranks afterwards)."""
+    top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    c1 = top5[:, 0] == target
+    counts[0] += int(c1.sum())
+    counts[1] += int((top5 == target[:, None]).any(-1).sum())
+    counts[2] += logits.shape[0]
+    labelled = (target >= 0) & (target < logits.shape[-1])  # unlabelled images (e.g. -1) add no loss
+    if bool(labelled.any()):
+        sums[0] += float(F.cross_entropy(logits[labelled], target[labelled], reduction="sum").double())
+    if ref_logits is not None:
+        ref_c1 = ref_logits.argmax(-1) == target
+        counts[3] += int((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
+        counts[4] += int(ref_c1.sum())
+        d = c1.long() - ref_c1.long()
+        counts[5] += int(d.sum())
+        counts[6] += int(d.abs().sum())
+        ref_logp = ref_logits.log_softmax(-1).double()
+        sums[1] += float((ref_logp.exp() * (ref_logp - logits.log_softmax(-1).double())).sum())
+
+
+def _result(counts: torch.Tensor, sums: torch.Tensor, paired: bool, **fields: Any) -> EvalResult:
+    """The :class:`EvalResult` of the summed ``counts`` and ``sums`` (with the paired fields if ``paired``)."""
     n = int(counts[2])
     if n == 0:
         raise ValueError("the dataset is empty: nothing to evaluate")
@@ -191,16 +215,9 @@ def evaluate(
         correct1=int(counts[0]),
         correct5=int(counts[1]),
         loss=float(sums[0]) / n,
-        seconds=time.perf_counter() - start,
-        world_size=info.world_size,
-        device=str(device),
-        precision=precision,
-        settings=model.tokenslim.as_dict() if hasattr(model, "tokenslim") else {},
-        versions=_versions(),
+        **fields,
     )
-    if keep_logits:
-        result.logits = torch.cat(kept) if kept else None
-    if reference is not None or reference_logits is not None:
+    if paired:
         mean_d = int(counts[5]) / n
         var = (int(counts[6]) - n * mean_d ** 2) / (n - 1) if n > 1 else float("nan")
         result.agreement = 100.0 * int(counts[3]) / n
@@ -209,3 +226,4 @@ def evaluate(
         result.top1_diff = 100.0 * mean_d
         result.top1_diff_se = 100.0 * math.sqrt(max(var, 0.0) / n)
     return result
+

@@ -98,36 +98,15 @@ class RecoverResult:
                 "(mean of the last window)")
 
 
-def recover(
-    model: nn.Module,
-    teacher: nn.Module,
-    data: Dataset,
-    method: str = "bias_norm",
-    steps: Optional[int] = 300,
-    lr: Optional[float] = None,
-    batch_size: int = 64,
-    weight_decay: float = 0.0,
-    ce_weight: float = 0.0,
-    lora_rank: int = 8,
-    lora_alpha: int = 16,
-    mixup: float = 0.0,
-    feature_weight: float = 0.0,
-    temperature: float = 1.0,
-    num_workers: int = 0,
-    seed: int = 0,
-    state_path: Optional[str] = None,
-    save_every: int = 50,
-    progress: bool = True,
-    log: Optional[Callable[[str], None]] = None,
-    run_info: Optional[Dict[str, Any]] = None,
-    epochs: Optional[float] = None,
-    accum: int = 1,
-    precision: str = "float32",
-    val_data: Optional[Dataset] = None,
-    device: Optional[str] = None,
-    cache_teacher: bool = False,
-    hflip: bool = False,
-) -> RecoverResult:
+def recover(model: nn.Module, teacher: nn.Module, data: Dataset, method: str = "bias_norm",
+            steps: Optional[int] = 300, lr: Optional[float] = None, batch_size: int = 64, weight_decay: float = 0.0,
+            ce_weight: float = 0.0, lora_rank: int = 8, lora_alpha: int = 16, mixup: float = 0.0,
+            feature_weight: float = 0.0, temperature: float = 1.0, num_workers: int = 0, seed: int = 0,
+            state_path: Optional[str] = None, save_every: int = 50, progress: bool = True,
+            log: Optional[Callable[[str], None]] = None, run_info: Optional[Dict[str, Any]] = None,
+            epochs: Optional[float] = None, accum: int = 1, precision: str = "float32",
+            val_data: Optional[Dataset] = None, device: Optional[str] = None, cache_teacher: bool = False,
+            hflip: bool = False) -> RecoverResult:
     """Distil the unpatched ``teacher`` into the reduced ``model`` by tuning a few parameters.
 
     Args:
@@ -189,19 +168,9 @@ def recover(
 
     steps = _check_arguments(model, method, steps, epochs, batch_size, save_every, accum, mixup, lr, ce_weight,
                              lora_rank, temperature, feature_weight)
-    if method.startswith("lora"):
-        _require_peft()
-    if method == "merge":
-        prepare_merge_training(model)
+    _prepare_method(model, method)
     streaming = isinstance(data, IterableDataset)
-    if not streaming and len(data) == 0:
-        raise ValueError("the training data is empty")
-    from ..evaluate.data import match_classes
-
-    if ce_weight > 0 and not streaming:
-        match_classes(data, model, "the training data")  # cross-entropy must not learn wrong labels
-    if val_data is not None:
-        match_classes(val_data, model, "the validation data")
+    _check_data(model, data, val_data, ce_weight, streaming)
     info = init_from_env()
     if info.is_main:
         _check_state_path(state_path)  # rank 0 alone writes it
@@ -211,48 +180,84 @@ def recover(
 
     t_out = _freeze_and_probe(teacher, model, data, streaming)
 
-    # What a resumed run must share with the interrupted one, or the result mixes two runs: weights
-    # by content (before any adapter is attached), the reduction, the data and every option. Not
-    # the number of ranks or the accumulation: they do not change the step.
-    from ..fingerprint import fingerprint, weights_digest
-
-    reduction = getattr(model, "tokenslim", None)
-    identity = fingerprint(
-        model, None if streaming else data, teacher=weights_digest(teacher), method=method, steps=steps,
-        epochs=epochs, reduction=reduction.as_dict() if hasattr(reduction, "as_dict") else None,
-        lr=lr, batch_size=batch_size, weight_decay=weight_decay, ce_weight=ce_weight, mixup=mixup,
-        feature_weight=feature_weight, temperature=temperature, seed=seed, precision=precision,
-        lora_rank=lora_rank if method.startswith("lora") else None,
-        lora_alpha=lora_alpha if method.startswith("lora") else None,
-        stream=type(data).__name__ if streaming else None, hflip=hflip, **(run_info or {}))
-
+    identity = _identity(model, teacher, None if streaming else data, method=method, steps=steps, epochs=epochs, lr=lr,
+                         batch_size=batch_size, weight_decay=weight_decay, ce_weight=ce_weight, mixup=mixup,
+                         feature_weight=feature_weight, temperature=temperature, seed=seed, precision=precision,
+                         lora_rank=lora_rank if method.startswith("lora") else None,
+                         lora_alpha=lora_alpha if method.startswith("lora") else None,
+                         stream=type(data).__name__ if streaming else None, hflip=hflip, **(run_info or {}))
     trainer = Trainer(model, teacher, data, method=method, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
                       accum=accum, weight_decay=weight_decay, ce_weight=ce_weight, lora_rank=lora_rank,
                       lora_alpha=lora_alpha, mixup=mixup, feature_weight=feature_weight, temperature=temperature,
                       precision=precision, num_workers=num_workers, seed=seed, state_path=state_path,
                       save_every=save_every, val_data=val_data, progress=progress, say=say, identity=identity,
                       device=device, cache_teacher=cache_teacher, hflip=hflip)
-    share = f"{trainer.micro} per rank x {info.world_size} rank{'s' if info.world_size > 1 else ''}" + \
-        (f" x {accum} accumulation steps" if accum > 1 else "")
-    per_epoch = f", {trainer.steps_per_epoch} steps per epoch" if trainer.steps_per_epoch else ""
-    trainer.say(f"recover: {info.world_size} rank{'s' if info.world_size > 1 else ''} train {method}, global batch "
-                f"{batch_size} ({share}), {trainer.steps} steps{per_epoch}, lr {lr:g}, {trainer.device.type}")
-    if cache_teacher:
-        from .teacher_cache import TeacherCache
-
-        size = TeacherCache.nbytes(trainer.images, t_out.shape[-1]) / 2 ** 20
-        trainer.say(f"recover: the teacher's outputs are cached ({trainer.images} images x 2 flips x "
-                    f"{t_out.shape[-1]} classes, {size:.1f} MB), computed once each")
+    _announce(trainer, info.world_size, t_out.shape[-1])
     trainer.resume()
     seconds = trainer.run()
+    return _finish(model, trainer, names_before, seconds, save_every, info.world_size, batch_size)
+
+
+def _prepare_method(model: nn.Module, method: str) -> None:
+    """What a method needs before training: ``peft`` for LoRA, a merge policy to train for ``merge``."""
+    if method.startswith("lora"):
+        _require_peft()
+    if method == "merge":
+        prepare_merge_training(model)
+
+
+def _check_data(model: nn.Module, data: Dataset, val_data: Optional[Dataset], ce_weight: float,
+                streaming: bool) -> None:
+    """Refuse empty data, and class folders that do not match the model's classes where labels are used."""
+    if not streaming and len(data) == 0:
+        raise ValueError("the training data is empty")
+    from ..evaluate.data import match_classes
+
+    if ce_weight > 0 and not streaming:
+        match_classes(data, model, "the training data")  # cross-entropy must not learn wrong labels
+    if val_data is not None:
+        match_classes(val_data, model, "the validation data")
+
+
+def _identity(model: nn.Module, teacher: nn.Module, data: Optional[Dataset], **options: Any) -> str:
+    """The run's fingerprint for the resume check."""
+    # What a resumed run must share with the interrupted one, or the result mixes two runs: weights
+    # by content (before any adapter is attached), the reduction, the data and every option. Not
+    # the number of ranks or the accumulation: they do not change the step.
+    from ..fingerprint import fingerprint, weights_digest
+
+    reduction = getattr(model, "tokenslim", None)
+    return fingerprint(model, data, teacher=weights_digest(teacher),
+                       reduction=reduction.as_dict() if hasattr(reduction, "as_dict") else None, **options)
+
+
+def _announce(trainer: Trainer, world_size: int, classes: int) -> None:
+    """The first log lines: ranks, batch split, steps, learning rate, device, the teacher cache's size."""
+    plural = "s" if world_size > 1 else ""
+    share = f"{trainer.micro} per rank x {world_size} rank{plural}" + \
+        (f" x {trainer.accum} accumulation steps" if trainer.accum > 1 else "")
+    per_epoch = f", {trainer.steps_per_epoch} steps per epoch" if trainer.steps_per_epoch else ""
+    trainer.say(f"recover: {world_size} rank{plural} train {trainer.method}, global batch {trainer.batch_size} "
+                f"({share}), {trainer.steps} steps{per_epoch}, lr {trainer.lr:g}, {trainer.device.type}")
+    if trainer.cache is not None:
+        from .teacher_cache import TeacherCache
+
+        size = TeacherCache.nbytes(trainer.images, classes) / 2 ** 20
+        trainer.say(f"recover: the teacher's outputs are cached ({trainer.images} images x 2 flips x "
+                    f"{classes} classes, {size:.1f} MB), computed once each")
+
+
+def _finish(model: nn.Module, trainer: Trainer, names_before: Dict[str, Any], seconds: float, save_every: int,
+            world_size: int, batch_size: int) -> RecoverResult:
+    """Fold the trained parameters back into ``model`` (its state_dict keys and shapes unchanged) and report."""
     fold_back(model, trainer.student)
     after = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     if after != names_before:
         extra = sorted(set(after) - set(names_before))[:3]
         raise RuntimeError(f"recovery changed the model's parameters (e.g. {extra}); please report this")
     trainable = sum(p.numel() for p in trainer.params.values())
-    return RecoverResult(method, trainer.step, trainer.images, trainer.losses, seconds, trainable, save_every,
-                         trainer.epoch, info.world_size, batch_size, trainer.val_history,
+    return RecoverResult(trainer.method, trainer.step, trainer.images, trainer.losses, seconds, trainable, save_every,
+                         trainer.epoch, world_size, batch_size, trainer.val_history,
                          trainer.best["entry"] if trainer.best else None)
 
 

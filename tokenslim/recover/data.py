@@ -91,3 +91,21 @@ def stream_length(data: IterableDataset) -> Optional[int]:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def epoch_plan(data: Dataset, batch_size: int, world: int, accum: int) -> Tuple[int, Optional[int], Optional[int]]:
+    """``(images per micro-batch on each rank, images in the data, steps per epoch)`` for a global
+    batch of ``batch_size`` over ``world`` ranks and ``accum`` accumulation steps; the counts are
+    ``None`` for a stream of unknown length. Refuses a batch that does not split evenly and data
+    smaller than one global batch."""
+    if batch_size % (world * accum):
+        raise ValueError(f"the global batch {batch_size} does not split evenly over {world} ranks x {accum} "
+                         f"accumulation steps; pick a multiple of {world * accum}")
+    streaming = isinstance(data, IterableDataset)
+    n = stream_length(data) if streaming else len(data)
+    if n is not None and streaming and is_presplit(data):
+        n *= world  # each rank's reader holds its own share
+    if n is not None and n < batch_size:
+        raise ValueError(f"the training data has {n} images, fewer than one global batch ({batch_size}); use a "
+                         "smaller batch or more images")
+    return batch_size // (world * accum), n, (n // batch_size if n is not None else None)

@@ -10,7 +10,6 @@ and a state written on ``N`` ranks resumes on ``M``.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -24,10 +23,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..evaluate import dataset_targets
 from ..evaluate.distributed import DistInfo, current
-from .data import SeededItems, global_batches, is_presplit, rank_micro_batches, stream_length, stream_micro_batches
+from .data import SeededItems, epoch_plan, global_batches, is_presplit, rank_micro_batches, stream_micro_batches
 from .losses import ClassTokenTaps, distill_loss, mixup_lambda, partners
 from .params import attach, freeze_key_bias
+from .state import read_state, write_state
 from .teacher_cache import TeacherCache, apply_flips, flip_draws
+from .validation import Validation
 
 
 def _all_mean(value: float, info: DistInfo) -> float:
@@ -62,18 +63,8 @@ class Trainer:
         self.progress, self.identity = progress, identity
         self.say = say if self.info.is_main else (lambda msg: None)
         world = self.info.world_size
-        if batch_size % (world * accum):
-            raise ValueError(f"the global batch {batch_size} does not split evenly over {world} ranks x {accum} "
-                             f"accumulation steps; pick a multiple of {world * accum}")
-        self.micro = batch_size // (world * accum)
         self.streaming = isinstance(data, IterableDataset)
-        n = stream_length(data) if self.streaming else len(data)
-        if n is not None and self.streaming and is_presplit(data):
-            n *= world  # each rank's reader holds its own share
-        if n is not None and n < batch_size:
-            raise ValueError(f"the training data has {n} images, fewer than one global batch ({batch_size}); use a "
-                             "smaller batch or more images")
-        self.steps_per_epoch = n // batch_size if n is not None else None
+        self.micro, n, self.steps_per_epoch = epoch_plan(data, batch_size, world, accum)
         if (cache_teacher or hflip) and self.streaming:
             raise ValueError("cache_teacher and hflip follow each image by its index and need a map-style data set, "
                              "not a stream")
@@ -88,14 +79,7 @@ class Trainer:
             steps = max(1, int(round(epochs * self.steps_per_epoch)))
         self.steps = steps
         self.images = n
-        # bf16/fp16 autocast for both forward passes; the loss and the update stay in float32.
-        from ..measure.benchmark import resolve_precision
-
-        _, amp_dtype = resolve_precision(precision)
-        if precision not in ("float32", "amp_bfloat16", "amp_float16"):
-            raise ValueError(f"recovery trains in float32 weights: precision float32, amp_bfloat16 or amp_float16, "
-                             f"not {precision}")
-        self.amp = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+        self.amp = _autocast(precision, self.device)
         targets = dataset_targets(data) if not self.streaming else None
         self.use_ce = ce_weight > 0 and targets is not None and all(0 <= t < _classes(model) for t in targets)
 
@@ -111,30 +95,16 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.student, device_ids=[self.device.index] if cuda else None)
         self.g = torch.Generator().manual_seed(seed)
         self.step, self.epoch, self.batch, self.losses = 0, 0, 0, []
-        self.best: Optional[Dict[str, Any]] = None
         self.taps: Optional[ClassTokenTaps] = None
-        self.val_history: List[Dict[str, Any]] = []
+        self.validation = Validation(val_data, _classes(model), max(self.micro, 32), self.say) if val_data else None
 
     # -- state -----------------------------------------------------------------------------------
 
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        return self.lr * 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / max(1, self.steps - self.warmup)))
-
     def resume(self) -> None:
         """Continue from the state file when it holds this same run (any number of ranks)."""
-        if not self.state_path or not os.path.isfile(self.state_path):
+        state = read_state(self.state_path, self.identity)
+        if state is None:
             return
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"the recovery state {self.state_path} cannot be read ({type(e).__name__}); delete it "
-                             "to start over") from None
-        from ..fingerprint import check_same_run
-
-        check_same_run(state.get("run"), self.identity, f"the recovery state {self.state_path}",
-                       "Resume with the same command, or delete the file to start over")
         if set(state["params"]) != set(self.params):
             raise ValueError(f"{self.state_path} trains other parameters than this run; delete it to start over")
         with torch.no_grad():
@@ -143,7 +113,8 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.g.set_state(state["generator"])  # as at the start of the interrupted epoch
         self.step, self.losses, self.batch, self.epoch = state["step"], state["losses"], state["batch"], state["epoch"]
-        self.best, self.val_history = state.get("best"), state.get("val_history", [])
+        if self.validation is not None:
+            self.validation.best, self.validation.history = state.get("best"), state.get("val_history", [])
         ranks = state.get("world_size", 1)
         moved = f" (written by {ranks} rank{'s' if ranks > 1 else ''})" if ranks != self.info.world_size else ""
         self.say(f"resuming recovery from {self.state_path} at step {self.step}/{self.steps}{moved}")
@@ -152,16 +123,21 @@ class Trainer:
         """The resume state, written atomically by rank 0 alone."""
         if not self.state_path or not self.info.is_main:
             return
-        tmp = self.state_path + ".tmp"
-        try:
-            torch.save({"method": self.method, "steps": self.steps, "run": self.identity, "step": self.step,
-                        "losses": self.losses, "generator": epoch_state, "batch": self.batch, "epoch": self.epoch,
-                        "params": {n: p.detach().clone() for n, p in self.params.items()},
-                        "optimizer": self.opt.state_dict(), "best": self.best, "val_history": self.val_history,
-                        "world_size": self.info.world_size}, tmp)
-            os.replace(tmp, self.state_path)
-        except OSError as e:
-            raise ValueError(f"cannot write the recovery state {self.state_path}: {e.strerror or e}") from None
+        write_state(self.state_path, {
+            "method": self.method, "steps": self.steps, "run": self.identity, "step": self.step,
+            "losses": self.losses, "generator": epoch_state, "batch": self.batch, "epoch": self.epoch,
+            "params": {n: p.detach().clone() for n, p in self.params.items()}, "optimizer": self.opt.state_dict(),
+            "best": self.best, "val_history": self.val_history, "world_size": self.info.world_size})
+
+    @property
+    def best(self) -> Optional[Dict[str, Any]]:
+        """The best validated parameters and their result (``None`` without validation)."""
+        return self.validation.best if self.validation is not None else None
+
+    @property
+    def val_history(self) -> List[Dict[str, Any]]:
+        """Every validation result so far."""
+        return self.validation.history if self.validation is not None else []
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -198,7 +174,7 @@ class Trainer:
 
     def _step(self, micro_batches: List, taps: Optional[ClassTokenTaps]) -> float:
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = warmup_cosine(self.step, self.lr, self.warmup, self.steps)
         lam = mixup_lambda(self.mixup, self.seed, self.step) if self.mixup > 0 else None
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
@@ -213,42 +189,10 @@ class Trainer:
         self.step += 1
         return _all_mean(total, self.info)
 
-    # -- validation ------------------------------------------------------------------------------
-
     def validate(self) -> None:
-        """Top-1 and KL to the teacher on the validation images; keeps the best parameters so far
-        (by top-1 where labels fit the head, else by KL)."""
-        if self.val_data is None:
-            return
-        from ..evaluate import evaluate
-
-        self.student.eval()
-        res = evaluate(self.student, self.val_data, reference=self.teacher, batch_size=max(self.micro, 32),
-                       num_workers=0, progress=False)
-        self.student.train()
-        targets = dataset_targets(self.val_data)
-        labelled = targets is not None and all(0 <= t < _classes(self.model) for t in targets)
-        score = res.top1 if labelled else -res.kl
-        entry = {"epoch": self.epoch, "step": self.step, "top1": res.top1 if labelled else None, "kl": res.kl,
-                 "agreement": res.agreement}
-        self.val_history.append(entry)
-        better = self.best is None or score > self.best["score"]
-        if better:
-            self.best = {"score": score, "entry": entry,
-                         "params": {n: p.detach().clone() for n, p in self.params.items()}}
-        top1 = f"top-1 {res.top1:.2f}, " if labelled else ""
-        self.say(f"validation after step {self.step} (epoch {self.epoch}): {top1}KL {res.kl:.4f}"
-                 f"{' (best so far)' if better else ''}")
-
-    def restore_best(self) -> None:
-        """Put the best validated parameters back, when a later epoch was worse."""
-        if self.best is None or self.best["entry"] == self.val_history[-1]:
-            return
-        with torch.no_grad():
-            for n, v in self.best["params"].items():
-                self.params[n].copy_(v)
-        self.say(f"kept the best validated parameters: step {self.best['entry']['step']} "
-                 f"(epoch {self.best['entry']['epoch']})")
+        """Evaluate on the validation images (if any), keeping the best parameters so far."""
+        if self.validation is not None:
+            self.validation(self.student, self.teacher, self.params, self.step, self.epoch)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -287,10 +231,11 @@ class Trainer:
                     self._stream_epoch(epoch_state, after_step)
                 else:
                     self._epoch(epoch_state, after_step)
-            if self.val_data is not None and (not self.val_history or self.val_history[-1]["step"] != self.step):
+            if self.validation is not None and (not self.val_history or self.val_history[-1]["step"] != self.step):
                 self.validate()  # the run ended inside an epoch
                 self.save(self.g.get_state())
-            self.restore_best()
+            if self.validation is not None:
+                self.validation.restore_best(self.params)
         finally:
             bar.close()
             for handle in self.hooks:
@@ -340,6 +285,25 @@ class Trainer:
         if not done_any:
             raise ValueError("the training stream yielded less than one global batch")
         self.epoch, self.batch = self.epoch + 1, 0  # the stream ended: its next pass is the next epoch
+
+
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int) -> float:
+    """The learning rate at ``step``: linear warm-up over ``warmup`` steps to ``lr``, then cosine decay."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _autocast(precision: str, device: torch.device) -> Callable[[], Any]:
+    """A context factory for the forward passes: bf16/fp16 autocast, or nothing for float32 (the
+    loss and the update stay in float32 either way)."""
+    from ..measure.benchmark import resolve_precision
+
+    _, amp_dtype = resolve_precision(precision)
+    if precision not in ("float32", "amp_bfloat16", "amp_float16"):
+        raise ValueError(f"recovery trains in float32 weights: precision float32, amp_bfloat16 or amp_float16, "
+                         f"not {precision}")
+    return (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
 
 def _classes(model: nn.Module) -> int:

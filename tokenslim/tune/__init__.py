@@ -71,35 +71,15 @@ from .space import KEEP_LEVELS, SEARCH_SPACES
 DEFAULT_METHODS = ("tome", "diffrate")
 
 
-def tune(
-    model: nn.Module,
-    data: Dataset,
-    speedup: Optional[float] = 1.5,
-    max_drop: Optional[float] = None,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    step: int = 2,
-    search: Sequence[str] = SEARCH_SPACES,
-    margin: float = 0.03,
-    batch_size: int = 64,
-    img_size: Optional[int] = None,
-    device: Optional[str] = None,
-    precision: str = "float32",
-    rounds: int = 25,
-    budget_min: float = 20.0,
-    eval_batch_size: int = 128,
-    num_workers: int = 0,
-    method_options: Optional[Dict[str, str]] = None,
-    out_dir: Optional[str] = None,
-    fresh: bool = False,
-    progress: Optional[Callable[[str], None]] = None,
-    run_info: Optional[Dict[str, Any]] = None,
-    screen: Optional[int] = None,
-    incumbent: bool = True,
-    confirm: float = DEFAULT_SHARE,
-    finalists: int = DEFAULT_FINALISTS,
-    confirm_z: float = DEFAULT_Z,
-    seed: int = 0,
-) -> TuneResult:
+def tune(model: nn.Module, data: Dataset, speedup: Optional[float] = 1.5, max_drop: Optional[float] = None,
+         methods: Sequence[str] = DEFAULT_METHODS, step: int = 2, search: Sequence[str] = SEARCH_SPACES,
+         margin: float = 0.03, batch_size: int = 64, img_size: Optional[int] = None, device: Optional[str] = None,
+         precision: str = "float32", rounds: int = 25, budget_min: float = 20.0, eval_batch_size: int = 128,
+         num_workers: int = 0, method_options: Optional[Dict[str, str]] = None, out_dir: Optional[str] = None,
+         fresh: bool = False, progress: Optional[Callable[[str], None]] = None,
+         run_info: Optional[Dict[str, Any]] = None, screen: Optional[int] = None, incumbent: bool = True,
+         confirm: float = DEFAULT_SHARE, finalists: int = DEFAULT_FINALISTS, confirm_z: float = DEFAULT_Z,
+         seed: int = 0) -> TuneResult:
     """Find the most faithful setting that reaches ``speedup`` (or the fastest within ``max_drop``).
 
     Args:
@@ -161,13 +141,7 @@ def tune(
     if why_not:
         say(why_not)
     run = {**run, "confirm": [confirm, finalists, confirm_z, seed] if confirm_data is not None else None}
-    from .search import auto_screen
-    from .space import Point, moves
-
-    options = len(moves(Point.origin(len(model.blocks)), search, prune_ok, step))
-    screen = auto_screen(len(search_data), options) if screen is None else int(screen)
-    if screen < 0:
-        raise ValueError(f"screen must be >= 0 images (0: off), got {screen}")
+    screen = _screen_size(model, search, prune_ok, step, len(search_data), screen)
     run = {**run, "screen": screen, "incumbent": bool(incumbent)}
     journal = Journal(os.path.join(out_dir, "candidates.jsonl") if out_dir else None, run, fresh)
     searcher = Search(model, search_data, journal, speedup, max_drop, aim, search, prune_ok, step, deadline,
@@ -179,18 +153,7 @@ def tune(
     if screen:
         say(f"screening: every greedy option on {screen} images first, the best {searcher.promote} on all "
             f"{len(search_data)}")
-    finals: List[Candidate] = []
-    held = None
-    if speedup is not None and incumbent:
-        held = searcher.incumbent("tome", "")  # plain ToMe, whatever methods are searched
-        if held is not None:
-            finals.append(held)
-    for method in methods:
-        extra = method_options.get(method, "")
-        current = searcher.reach_speed(method, extra, held) if speedup is not None else \
-            searcher.within_drop(method, extra)
-        if current is not None:
-            finals.append(current)
+    finals, held = _search_methods(searcher, methods, method_options, speedup is not None and incumbent)
     if not finals:
         if searcher.out_of_time():
             raise RuntimeError(f"the budget of {budget_min} min ran out before any setting reached the end of a "
@@ -204,6 +167,37 @@ def tune(
     if out_dir:
         result.files = write_outputs(result, out_dir)
     return result
+
+
+def _screen_size(model: nn.Module, search: Tuple[str, ...], prune_ok: bool, step: int, images: int,
+                 screen: Optional[int]) -> int:
+    """The screening subset's size: ``screen`` as given, or :func:`~tokenslim.tune.search.auto_screen`'s."""
+    from .search import auto_screen
+    from .space import Point, moves
+
+    options = len(moves(Point.origin(len(model.blocks)), search, prune_ok, step))
+    screen = auto_screen(images, options) if screen is None else int(screen)
+    if screen < 0:
+        raise ValueError(f"screen must be >= 0 images (0: off), got {screen}")
+    return screen
+
+
+def _search_methods(searcher: Search, methods: Sequence[str], method_options: Dict[str, str],
+                    incumbent: bool) -> Tuple[List[Candidate], Optional[Candidate]]:
+    """The plain-ToMe incumbent (if asked for) and each method's search result: ``(finals, incumbent)``."""
+    finals: List[Candidate] = []
+    held = None
+    if incumbent:
+        held = searcher.incumbent("tome", "")  # plain ToMe, whatever methods are searched
+        if held is not None:
+            finals.append(held)
+    for method in methods:
+        extra = method_options.get(method, "")
+        current = searcher.reach_speed(method, extra, held) if searcher.speedup is not None else \
+            searcher.within_drop(method, extra)
+        if current is not None:
+            finals.append(current)
+    return finals, held
 
 
 def _choose(searcher: Search, finals: List[Candidate], held: Optional[Candidate], aim: Optional[float],
