@@ -1,4 +1,5 @@
-"""scripts/fit_probe.py: a linear head fitted on a frozen backbone's features, saved as a classifier."""
+"""tokenslim probe (and scripts/fit_probe.py, its old name): a linear head fitted on a frozen backbone's
+features, saved as a classifier."""
 import importlib.util
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def backbone_and_images(tmp_path):
 
 def test_fit_linear_is_the_optimum_on_raw_features():
     """The standardised fit, folded back, is a minimiser of the stated objective on raw features."""
-    fit_linear = _script().fit_linear
+    from tokenslim.probe import fit_linear
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0]) + 2.0
     y = (x[:, 0] + x[:, 1] / 10 > 2.5).long() + (x[:, 3] > 2).long()
@@ -86,8 +88,9 @@ def test_probe_refuses_a_model_with_a_head_and_bad_flags(backbone_and_images, tm
     classifier = tmp_path / "classifier.pth"
     save_checkpoint(make_model("vit"), str(classifier), "vit_tiny_patch16_224", SMALL, CONFIG)
     script = _script()
-    with pytest.raises(SystemExit, match="already has a 10-class head"):
+    with pytest.raises(SystemExit) as exit_info:
         script.main(["--backbone", str(classifier), "--data", str(folder), "--out", str(tmp_path / "p.pth")])
+    assert exit_info.value.code == 2 and "already has a 10-class head" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--backbone", str(path), "--data", str(folder), "--limit", "10", "--val", "10",
                      "--out", str(tmp_path / "p.pth")])
@@ -98,3 +101,16 @@ def test_probe_refuses_a_model_with_a_head_and_bad_flags(backbone_and_images, tm
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--backbone", str(path), "--data", str(folder), "--out", str(path)])
     assert exit_info.value.code == 2
+
+
+def test_probe_command_equals_the_script(backbone_and_images, tmp_path):
+    """``tokenslim probe`` and ``scripts/fit_probe.py`` write the same head."""
+    from tokenslim.cli import main
+
+    _, path, folder = backbone_and_images
+    args = ["--backbone", str(path), "--data", str(folder), "--limit", "24", "--val", "4", "--batch-size", "8",
+            "--quiet"]
+    main(["probe", *args, "--out", str(tmp_path / "a.pth")])
+    _script().main([*args, "--out", str(tmp_path / "b.pth")])
+    a, b = load_checkpoint(str(tmp_path / "a.pth")), load_checkpoint(str(tmp_path / "b.pth"))
+    assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)

@@ -14,7 +14,7 @@ from .patching import is_patched, patch, token_plan, trace_merges, unpatch
 from .spec import apply, format_setting, parse_setting
 from .adapters.timm_vit import MergeTrace
 
-__version__ = "0.1.0"
+from .versions import __version__
 
 __all__ = [
     "apply",

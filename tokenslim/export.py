@@ -77,7 +77,7 @@ def check_exportable(model: nn.Module) -> None:
 
 def metadata_of(model: nn.Module, settings: Optional[str] = None, baseline: Optional[str] = None) -> Dict[str, Any]:
     """What an exported file carries about ``model``."""
-    from . import __version__
+    from .versions import __version__
     from .loading import DATA_CONFIG_KEYS, architecture
 
     cfg = getattr(model, "pretrained_cfg", None) or {}

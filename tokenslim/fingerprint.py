@@ -109,7 +109,7 @@ def fingerprint(model: Optional[nn.Module] = None, data: Optional[Dataset] = Non
     Returns:
         A JSON-serialisable dict: ``weights``, ``data``, ``tokenslim`` (the release) and the options.
     """
-    from . import __version__
+    from .versions import __version__
 
     out: Dict[str, Any] = {"tokenslim": __version__}
     if model is not None:

@@ -134,7 +134,7 @@ def check_setting(model: nn.Module, setting: Dict[str, Any], text: Optional[str]
     Used by the command line to refuse a bad setting before any long evaluation or timing starts.
     The patch is tried on a weightless meta-device copy; channel-pruning values are range-checked.
     """
-    from .measure.macs import meta_copy
+    from .meta import meta_copy
     from .ops.masks import _check_ratio
     from .patching import patch, token_plan
 

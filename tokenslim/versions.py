@@ -1,8 +1,12 @@
-"""Checks that an installed framework is a release whose internals tokenslim is tested against."""
+"""tokenslim's own version, and checks that an installed framework is a release whose internals
+tokenslim is tested against."""
 from __future__ import annotations
 
 import importlib
 from typing import Optional, Tuple
+
+__version__ = "0.1.0"
+"""tokenslim's version (as in pyproject.toml)."""
 
 
 def version_tuple(version: str) -> Tuple[int, ...]:

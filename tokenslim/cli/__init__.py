@@ -9,6 +9,7 @@ from typing import List, Optional
 from . import flags
 from .evaluate import add_eval_args, format_eval, run_eval
 from .export import add_export_args, run_export_cmd
+from .probe import add_probe_args, run_probe_cmd
 from .measure import add_benchmark_args, add_macs_args, run_benchmark, run_macs
 from .recover import add_recover_args, run_recover_cmd
 from .sweep import add_demo_args, add_sweep_args, run_demo_cmd, run_sweep_cmd
@@ -25,6 +26,7 @@ COMMANDS = {
     "recover": (add_recover_args, run_recover_cmd,
                 "win back accuracy: short distillation, tuned parameters folded back"),
     "vis": (add_vis_args, run_vis_cmd, "picture the patches each merged token holds (PNG)"),
+    "probe": (add_probe_args, run_probe_cmd, "fit a linear classifier head on a backbone without classes"),
     "export": (add_export_args, run_export_cmd,
                "a reduced model and its baseline to ONNX (checked in ONNX Runtime) or torch.export"),
 }

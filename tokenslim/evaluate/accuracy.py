@@ -61,7 +61,7 @@ class EvalResult:
 def _versions() -> Dict[str, str]:
     import timm
 
-    from .. import __version__
+    from ..versions import __version__
 
     return {"tokenslim": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}

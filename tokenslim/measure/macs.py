@@ -8,8 +8,6 @@ included.
 """
 from __future__ import annotations
 
-import copy
-import itertools
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 
 from ..input_size import default_img_size, resolve_img_size  # noqa: F401  (default_img_size re-exported)
+from ..meta import meta_copy  # noqa: F401  (re-exported)
 from torch.utils.flop_counter import FlopCounterMode
 
 UNIT = "GMACs (1 multiply-add = 1; attention matmuls included)"
@@ -56,17 +55,6 @@ class ModelCost:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` on the meta device, made without copying any weight data."""
-    memo = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        # No gradients on the copy: FlopCounterMode's module tracker hooks autograd on any tensor that
-        # requires one, and fails on views of such leaves made under no_grad (attention-pool latents).
-        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
 
 
 def count_macs(
