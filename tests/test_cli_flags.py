@@ -43,11 +43,11 @@ def test_shared_flags_agree_across_tools():
     # The flags the issue found disagreeing now exist, with one meaning, wherever they apply.
     for flag, tools in {"--quiet": set(COMMANDS), "--threads": set(COMMANDS) - {"macs"},
                         "--checkpoint": set(COMMANDS) - {"demo"},
-                        "--out": {"demo", "sweep", "tune", "recover", "vis", "export"},
+                        "--out": {"demo", "sweep", "tune", "recover", "vis", "export", "probe"},
                         "--onnx": {"eval", "benchmark"},
-                        "--jsonl": {"eval", "benchmark"}, "--eval-batch-size": {"eval", "sweep", "tune"},
+                        "--jsonl": {"eval", "benchmark"}, "--eval-batch-size": {"eval", "sweep", "tune", "probe"},
                         "--batch-size": {"benchmark", "sweep", "tune", "demo"},
-                        "--limit": {"eval", "sweep", "tune", "recover", "vis", "demo"}}.items():
+                        "--limit": {"eval", "sweep", "tune", "recover", "vis", "demo", "probe"}}.items():
         assert set(seen[flag]) == tools, flag
     for name, sub in subs.items():
         settings = _options(sub).get("--settings")

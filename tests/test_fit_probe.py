@@ -108,9 +108,8 @@ def test_probe_command_equals_the_script(backbone_and_images, tmp_path):
     from tokenslim.cli import main
 
     _, path, folder = backbone_and_images
-    args = ["--backbone", str(path), "--data", str(folder), "--limit", "24", "--val", "4", "--batch-size", "8",
-            "--quiet"]
-    main(["probe", *args, "--out", str(tmp_path / "a.pth")])
+    args = ["--backbone", str(path), "--data", str(folder), "--limit", "24", "--val", "4", "--batch-size", "8"]
+    main(["probe", *args, "--out", str(tmp_path / "a")])
     _script().main([*args, "--out", str(tmp_path / "b.pth")])
-    a, b = load_checkpoint(str(tmp_path / "a.pth")), load_checkpoint(str(tmp_path / "b.pth"))
+    a, b = load_checkpoint(str(tmp_path / "a" / "probe.pth")), load_checkpoint(str(tmp_path / "b.pth"))
     assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)

@@ -54,6 +54,10 @@ class BlockStep(NamedTuple):
     def wants_value_score(self) -> bool:
         return self.r > 0 and self.method.needs_value_score
 
+    @property
+    def wants_received(self) -> bool:
+        return self.r > 0 and self.method.needs_received
+
 
 def block_steps(settings: ReductionSettings, plan: TokenPlan, num_prefix_tokens: int,
                 policy: Optional[Sequence[Callable]] = None) -> Iterator[BlockStep]:
@@ -109,6 +113,7 @@ def reduce_step(
     """
     method, reduce = step.method, step.r > 0
     metric, cls_attn, value_score, has_dropped = attn.metric, attn.cls_attn, attn.value_score, step.has_dropped
+    received = attn.received
     if step.keep is not None:
         plan = select_tokens(attn.cls_attn, step.keep, step.num_prefix_tokens, step.fuse)
         x = prune_tokens(x, plan, attn.cls_attn)
@@ -118,6 +123,8 @@ def reduce_step(
             cls_attn = prune_scores(cls_attn, plan)
         if value_score is not None:
             value_score = prune_scores(value_score, plan)
+        if received is not None:
+            received = prune_scores(received, plan)
         sizes = prune_sizes(sizes, plan)
         source = update_source(source, plan.dest, has_dropped)
         has_dropped = has_dropped or not step.fuse
@@ -131,7 +138,7 @@ def reduce_step(
         if step.embed is not None:
             metric = step.embed(x, metric)  # the learned merge metric (tokenslim.merge_policy)
         inputs = StepInputs(x, metric, cls_attn, value_score, step.num_prefix_tokens, step.layer, step.depth,
-                            step.option, positions)
+                            step.option, positions, received, sizes)
         merge = method.plan(inputs, step.r)
         merged, new_sizes = merge_tokens(x, sizes, merge.dest, merge.num_out, has_dropped=method.may_drop,
                                          norm=method.norm)

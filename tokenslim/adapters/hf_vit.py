@@ -66,7 +66,7 @@ def hf_attention(attn: nn.Module, x: torch.Tensor, log_size: Optional[torch.Tens
     res = reducing_attention(
         q, k, v, log_size, scale=scale, fused=True, dropout_p=dropout if attn.training else 0.0,
         return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
-        return_value_score=step.wants_value_score,
+        return_value_score=step.wants_value_score, return_received=step.wants_received,
     )
     out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
     return res._replace(out=out_proj(res.out.transpose(1, 2).reshape(batch, n, -1)))

@@ -49,7 +49,7 @@ def mha_attention(attn: nn.MultiheadAttention, x: torch.Tensor, log_size: Option
     res = reducing_attention(
         q, k, v, log_size, fused=True, dropout_p=attn.dropout if attn.training else 0.0,
         return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
-        return_value_score=step.wants_value_score,
+        return_value_score=step.wants_value_score, return_received=step.wants_received,
     )
     return res._replace(out=attn.out_proj(res.out.transpose(1, 2).reshape(batch, n, c)))
 

@@ -30,11 +30,11 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..input_size import resolve_img_size
-from ..merge_policy import missing_policy_error, policy_of
+from ..merge_policy import detach_policy, missing_policy_error, policy_of
 from ..ops import unmerge
 from ..reduction import block_steps
 from ..schedule import ReductionSettings, TokenPlan, plan_tokens
-from .calls import call_through
+from .calls import call_through, unhook_all
 
 Taken = List[Tuple[torch.Tensor, Optional[torch.Tensor], bool]]
 
@@ -204,6 +204,21 @@ class TimmReducing:
         if intermediates_only:
             return intermediates
         return self._tokenslim_final(x, source, dropped), intermediates
+
+
+def pools_patches(model: nn.Module) -> bool:
+    """Whether the head pools over patch tokens (attention pool, avg, max) rather than reading the class token."""
+    return model.attn_pool is not None or model.global_pool not in ("token", "")
+
+
+def restore(model: nn.Module, original: type) -> nn.Module:
+    """Undo a patch: the original class, no settings, no hooked subclasses, no merge policy: the
+    original model, exactly."""
+    model.__class__ = original
+    del model.tokenslim
+    unhook_all(model)
+    detach_policy(model)
+    return model
 
 
 def reduction_settings(model: nn.Module, pools_patches: bool, r: Any = 0, **settings: Any) -> ReductionSettings:

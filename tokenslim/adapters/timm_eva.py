@@ -33,11 +33,10 @@ from torch import nn
 from ..ops.attention import AttentionResult, head_mean, reducing_attention
 from ..ops.positions import grid_positions, token_positions
 from ..ops.rope import affine_angles, check_affine, is_local, reduced_rotary, rotation_of
-from ..merge_policy import detach_policy
 from ..reduction import BlockStep, reduce_step, step_log_size
 from ..schedule import RSpec, TokenPlan
 from . import timm_base
-from .calls import base_class, call_through, check_reducible, class_lookup, unhook_all, wire
+from .calls import base_class, call_through, check_reducible, class_lookup, wire
 from .timm_base import MergeTrace, TimmReducing
 from .timm_vit import check_timm_version
 
@@ -68,15 +67,8 @@ def _project(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tens
     return q, k, v
 
 
-def attention_forward(
-    attn: nn.Module,
-    x: torch.Tensor,
-    rope: Optional[torch.Tensor],
-    log_size: Optional[torch.Tensor] = None,
-    return_metric: bool = False,
-    return_cls_attn: bool = False,
-    return_value_score: bool = False,
-) -> AttentionResult:
+def attention_forward(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor],
+                      log_size: Optional[torch.Tensor] = None, step: Optional[BlockStep] = None) -> AttentionResult:
     """timm ``EvaAttention`` / ``AttentionRope`` with a per-key bias, plus what reduction needs.
 
     Args:
@@ -85,6 +77,8 @@ def attention_forward(
         rope: the rotary table of the current patch tokens (any shape timm's ``apply_rot_embed_cat``
             broadcasts), or ``None``.
         log_size: ``[B, 1, 1, N]`` proportional-attention bias, or ``None``.
+        step: the block's reduction step, which says what it needs besides the output (the
+            matching metric, class attention, value scores); ``None``: nothing.
 
     Returns:
         An :class:`~tokenslim.ops.attention.AttentionResult` with the projected ``[B, N, C]`` output;
@@ -94,7 +88,7 @@ def attention_forward(
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k, v = _project(attn, x)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    metric = head_mean(k, None) if return_metric else None
+    metric = head_mean(k, None) if step is not None and step.wants_metric else None
     if rope is not None:
         p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
         q = torch.cat([q[:, :, :p, :], apply_rot_embed_cat(q[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
@@ -108,7 +102,9 @@ def attention_forward(
         scale=None if attn.fused_attn else attn.scale,
         fused=attn.fused_attn,
         dropout_p=attn.attn_drop.p if attn.training else 0.0,
-        return_cls_attn=return_cls_attn, return_value_score=return_value_score,
+        return_cls_attn=step is not None and step.wants_cls_attn,
+        return_value_score=step is not None and step.wants_value_score,
+        return_received=step is not None and step.wants_received,
     )
     y = attn.norm(res.out.transpose(1, 2).reshape(batch, n, -1))
     if gate is not None:
@@ -118,8 +114,7 @@ def attention_forward(
 
 def _attention_call(attn: nn.Module, x: torch.Tensor, rope: Optional[torch.Tensor], log_size: Optional[torch.Tensor],
                     step: BlockStep) -> Tuple[torch.Tensor, AttentionResult]:
-    res = attention_forward(attn, x, rope, log_size, return_metric=step.wants_metric,
-                            return_cls_attn=step.wants_cls_attn, return_value_score=step.wants_value_score)
+    res = attention_forward(attn, x, rope, log_size, step)
     return res.out, res
 
 
@@ -273,8 +268,7 @@ def _check_supported(model: nn.Module) -> None:
                         "shape); supported rope types: cat, mixed, dinov3")
 
 
-def _pools_patches(model: nn.Module) -> bool:
-    return model.attn_pool is not None or model.global_pool not in ("token", "")
+_pools_patches = timm_base.pools_patches
 
 
 def has_rope(model: nn.Module) -> bool:
@@ -324,10 +318,7 @@ def _check_rope_table(model: nn.Module) -> None:
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore timm's ``Eva`` class (a no-op if not patched)."""
     if type(model) is TokenSlimEva:
-        model.__class__ = Eva
-        del model.tokenslim
-        unhook_all(model)
-        detach_policy(model)  # the original model, exactly
+        timm_base.restore(model, Eva)
     return model
 
 

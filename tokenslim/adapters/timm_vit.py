@@ -30,9 +30,8 @@ from torch import nn
 
 from ..ops.attention import AttentionResult, reducing_attention
 from . import timm_base
-from .calls import base_class, call_through, check_reducible, class_lookup, unhook_all, wire
+from .calls import base_class, call_through, check_reducible, class_lookup, wire
 from .timm_base import MergeTrace, TimmReducing
-from ..merge_policy import detach_policy
 from ..reduction import BlockStep, reduce_step, step_log_size
 from ..schedule import RSpec, TokenPlan
 from ..versions import check_installed
@@ -65,6 +64,7 @@ def attention_forward(
     return_metric: bool = False,
     return_cls_attn: bool = False,
     return_value_score: bool = False,
+    return_received: bool = False,
 ) -> AttentionResult:
     """timm ``Attention.forward`` with an additive per-key bias, plus what token reduction needs.
 
@@ -92,6 +92,7 @@ def attention_forward(
         dropout_p=attn.attn_drop.p if attn.training else 0.0,
         head_mask=getattr(attn, HEAD_MASK_BUFFER, None),
         return_metric=return_metric, return_cls_attn=return_cls_attn, return_value_score=return_value_score,
+        return_received=return_received,
     )
     y = attn.norm(res.out.transpose(1, 2).reshape(batch, n, attn.attn_dim))
     if gate is not None:
@@ -102,7 +103,7 @@ def attention_forward(
 def _attention_call(attn: Attention, x: torch.Tensor, log_size: Optional[torch.Tensor],
                     step: BlockStep) -> Tuple[torch.Tensor, AttentionResult]:
     res = attention_forward(attn, x, log_size, return_metric=step.wants_metric, return_cls_attn=step.wants_cls_attn,
-                            return_value_score=step.wants_value_score)
+                            return_value_score=step.wants_value_score, return_received=step.wants_received)
     return res.out, res
 
 
@@ -225,8 +226,7 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-def _pools_patches(model: nn.Module) -> bool:
-    return model.attn_pool is not None or model.global_pool not in ("token", "")
+_pools_patches = timm_base.pools_patches
 
 
 def _reads_prefix_only(model: nn.Module) -> bool:
@@ -293,10 +293,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original timm class and behaviour of a patched model (a no-op if not patched)."""
     cls = type(model)
     if cls in _ORIGINAL_CLASSES:
-        model.__class__ = _ORIGINAL_CLASSES[cls]
-        del model.tokenslim
-        unhook_all(model)
-        detach_policy(model)  # the original model, exactly
+        timm_base.restore(model, _ORIGINAL_CLASSES[cls])
     return model
 
 

@@ -13,18 +13,19 @@ ppt          PPT: per image, ToMe-merge or prune by value-weighted class attenti
 atc          ATC: agglomerative clustering of the keys (complete linkage), any number per block
 atc_average  ATC with average linkage
 learned      a learned merge policy (DTEM): ToMe's matching on keys + a trained embedding
+mctf         MCTF: bidirectional matching by similarity x informativeness x size
 ===========  ===============================================================================
 """
 from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from . import atc, diffrate, learned, mlerp, pitome, ppt, tome
+from . import atc, diffrate, learned, mctf, mlerp, pitome, ppt, tome
 from .base import ReductionMethod, StepInputs, StepPlan
 
 METHODS: Dict[str, ReductionMethod] = {
     m.name: m for m in (tome.METHOD, mlerp.METHOD, pitome.METHOD, diffrate.METHOD, ppt.METHOD, atc.METHOD, atc.AVERAGE,
-                        learned.METHOD)
+                        learned.METHOD, mctf.METHOD)
 }
 DEFAULT_METHOD = "tome"
 

@@ -27,6 +27,8 @@ class StepInputs(NamedTuple):
         option: the value of the method's option (PPT's ``threshold``, PiToMe's ``margin``), or ``None``.
         positions: ``[B, N, 3]`` grid positions and extents when merging is restricted to spatial
             neighbours (rotary models, ``rope="local"``; methods with ``local_merging`` only), else ``None``.
+        received: ``[B, N]`` attention each token receives, averaged over queries and heads, when asked.
+        sizes: ``[B, N, 1]`` float32 sizes (original tokens each token holds), or ``None`` (all ones).
     """
 
     x: torch.Tensor
@@ -38,6 +40,8 @@ class StepInputs(NamedTuple):
     depth: int
     option: Optional[float]
     positions: Optional[torch.Tensor] = None
+    received: Optional[torch.Tensor] = None
+    sizes: Optional[torch.Tensor] = None
 
 
 class StepPlan(NamedTuple):
@@ -62,7 +66,7 @@ class ReductionMethod:
         plan: ``plan(inputs, r) -> StepPlan`` removing exactly ``r`` tokens (``r`` already clamped
             to :attr:`max_r`).
         max_r: most tokens one step can remove from ``n`` non-prefix tokens.
-        needs_keys / needs_cls_attn / needs_value_score: what the attention must return.
+        needs_keys / needs_cls_attn / needs_value_score / needs_received: what the attention must return.
         needs_class_token: the method ranks tokens by the class token's attention.
         may_drop: a step may remove tokens without merging them anywhere (pruning).
         norm: how tokens that share a slot are combined (``"mean"`` or ``"max"``, see
@@ -80,6 +84,7 @@ class ReductionMethod:
     needs_keys: bool = False
     needs_cls_attn: bool = False
     needs_value_score: bool = False
+    needs_received: bool = False
     needs_class_token: bool = False
     may_drop: bool = False
     norm: str = "mean"

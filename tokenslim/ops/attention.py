@@ -20,12 +20,15 @@ class AttentionResult(NamedTuple):
         metric: ``[B, N, D]`` keys averaged over heads (ToMe's metric), or ``None``.
         cls_attn: ``[B, N]`` the class token's attention row averaged over heads, or ``None``.
         value_score: ``[B, N]`` sum over heads of class attention times value norm, or ``None``.
+        received: ``[B, N]`` the attention each token receives, averaged over queries and heads
+            (MCTF's informativeness), or ``None``.
     """
 
     out: torch.Tensor
     metric: Optional[torch.Tensor]
     cls_attn: Optional[torch.Tensor]
     value_score: Optional[torch.Tensor] = None
+    received: Optional[torch.Tensor] = None
 
 
 def head_mean(t: torch.Tensor, head_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -48,6 +51,7 @@ def reducing_attention(
     return_metric: bool = False,
     return_cls_attn: bool = False,
     return_value_score: bool = False,
+    return_received: bool = False,
 ) -> AttentionResult:
     """Attention of ``[B, H, N, D]`` queries, keys and values with an additive per-key bias.
 
@@ -64,6 +68,9 @@ def reducing_attention(
         return_metric / return_cls_attn / return_value_score: what reduction needs. The class row
             is computed alone (``q_cls`` against all keys, same scale and bias, float32), so the
             full map is never built and attention stays fused.
+        return_received: the attention every key receives, averaged over queries and heads. It
+            needs the whole map: computed beside the fused attention in float32 (about one more
+            attention map of work).
     """
     metric = head_mean(k, head_mask) if return_metric else None
     bias = None if log_size is None else log_size.to(q.dtype)
@@ -81,6 +88,12 @@ def reducing_attention(
             if head_mask is not None:
                 weighted = weighted * head_mask.to(weighted.dtype).view(1, -1, 1)
             value_score = weighted.sum(dim=1)
+    received = None
+    if return_received:
+        logits = (q.float() * row_scale) @ k.float().transpose(-2, -1)
+        if log_size is not None:
+            logits = logits + log_size
+        received = head_mean(logits.softmax(dim=-1).mean(dim=2), head_mask)
     if fused:
         if scale is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
@@ -94,4 +107,4 @@ def reducing_attention(
         if dropout_p:
             attn = F.dropout(attn, p=dropout_p)
         y = attn @ v
-    return AttentionResult(y, metric, cls_attn, value_score)
+    return AttentionResult(y, metric, cls_attn, value_score, received)

@@ -260,7 +260,7 @@ def _search_space(model: nn.Module, search: Sequence[str],
         raise ValueError(f"search takes a non-empty subset of {', '.join(SEARCH_SPACES)}; got {list(search)}")
     # Pruning ranks tokens by the class token's attention and, unfused, leaves patches without a
     # token: only where there is a class token and the head reads it alone.
-    from ..adapters.timm_vit import _pools_patches
+    from ..adapters.timm_base import pools_patches as _pools_patches
 
     return search, "prune" in search and getattr(model, "cls_token", None) is not None and not _pools_patches(model)
 
