@@ -246,12 +246,17 @@ def check_out_dir(out_dir: str) -> None:
     """Create ``out_dir`` now, before any work, or say why it cannot be used."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir} is an existing file; pass a folder (it is created if missing)")
+    make_folder(out_dir, f"--out {out_dir}")
+
+
+def make_folder(folder: str, what: str) -> None:
+    """Create ``folder`` (and its parents) now, or raise naming ``what`` and why it cannot be written."""
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create the output folder {out_dir}: {e.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"the output folder {out_dir} is not writable")
+        raise ValueError(f"{what}: cannot create the folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what}: the folder {folder} is not writable")
 
 
 def useful_range(values: Sequence[float], span: float = 12.0) -> Tuple[float, float]:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..sweep import check_out_dir  # noqa: F401  (re-exported: every tool's --out check)
+from ..sweep import check_out_dir, make_folder  # noqa: F401  (check_out_dir re-exported: every tool's --out check)
 
 FLAGS: Dict[str, Tuple[Tuple[str, ...], Dict[str, Any]]] = {
     "model": (("--model",), dict(default=None, metavar="NAME",
@@ -141,13 +141,7 @@ def check_output_file(path: Optional[str], flag: str) -> None:
         return
     if os.path.isdir(path):
         raise ValueError(f"{flag} {path} is a folder; pass a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot create the folder {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {folder} is not writable")
+    make_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
 
 
 def load_baseline(args: argparse.Namespace):
