@@ -10,7 +10,7 @@ import tokenslim.tune.confirm as tune_confirm
 import tokenslim.tune.scoring as tune_search  # evaluation and timing live in scoring
 from conftest import images, make_model
 from test_tune import _fake_device
-from tokenslim.tune.confirm import decide, level, paired, per_image_kl, split_indices
+from tokenslim.tune.confirm import DEFAULT_Z, decide, level, paired, per_image_kl, split_indices
 
 
 def _data(n=128):
@@ -62,7 +62,7 @@ def test_rule_keeps_the_incumbent_unless_the_unseen_images_say_otherwise():
     g = torch.Generator().manual_seed(2)
     close = {inc: base, "r=[8,4,2,0]": [v - 0.001 + 0.02 * float(torch.randn(1, generator=g)) for v in base]}
     chosen, tested, _ = decide([(inc, 0.05), ("r=[8,4,2,0]", 0.03)], close, inc)
-    assert chosen == inc and tested[1].diff < 0 and tested[1].diff + 2 * tested[1].se >= 0
+    assert chosen == inc and tested[1].diff < 0 and tested[1].diff + DEFAULT_Z * tested[1].se >= 0
     # Clearly better: left on evidence.
     clear = {inc: base, "r=[8,4,2,0]": [v - 0.01 for v in base]}
     chosen, tested, reason = decide([(inc, 0.05), ("r=[8,4,2,0]", 0.03)], clear, inc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from . import flags
+from ..tune.confirm import DEFAULT_Z
 
 
 def add_tune_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                         "best settings and plain ToMe (0: off)")
     p.add_argument("--finalists", type=int, default=3,
                    help="search settings reaching the target that are confirmed against plain ToMe")
-    p.add_argument("--confirm-z", type=float, default=2.0, metavar="Z",
+    p.add_argument("--confirm-z", type=float, default=DEFAULT_Z, metavar="Z",
                    help="a setting more invasive than plain ToMe must beat it on the confirmation images by more "
                         "than Z standard errors of the paired KL difference")
     p.add_argument("--margin", type=float, default=0.03,
