@@ -219,7 +219,7 @@ def _check_data(model: nn.Module, data: Dataset, val_data: Optional[Dataset], ce
         match_classes(val_data, model, "the validation data")
 
 
-def _identity(model: nn.Module, teacher: nn.Module, data: Optional[Dataset], **options: Any) -> str:
+def _identity(model: nn.Module, teacher: nn.Module, data: Optional[Dataset], /, **options: Any) -> Dict[str, Any]:
     """The run's fingerprint for the resume check."""
     # What a resumed run must share with the interrupted one, or the result mixes two runs: weights
     # by content (before any adapter is attached), the reduction, the data and every option. Not
