@@ -159,10 +159,10 @@ def test_sdpa_log_size_mask_equals_explicit_softmax():
     sizes = torch.randint(1, 6, (2, 11, 1)).float()
     log_size = sizes.log().transpose(1, 2).unsqueeze(1)
     with torch.no_grad():
-        fused, m1, cls1, _ = attention_forward(attn, x, log_size, return_metric=True, return_cls_attn=True)
+        fused, m1, cls1 = attention_forward(attn, x, log_size, return_metric=True, return_cls_attn=True)[:3]
         manual_attn = copy.deepcopy(attn)
         manual_attn.fused_attn = False
-        manual, m2, cls2, _ = attention_forward(manual_attn, x, log_size, return_metric=True, return_cls_attn=True)
+        manual, m2, cls2 = attention_forward(manual_attn, x, log_size, return_metric=True, return_cls_attn=True)[:3]
         # Fully explicit: softmax over logits + log(size).
         qkv = attn.qkv(x).reshape(2, 11, 3, 3, 16).permute(2, 0, 3, 1, 4)
         q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]

@@ -69,7 +69,7 @@ def test_rule_keeps_the_incumbent_unless_the_unseen_images_say_otherwise():
     assert chosen == "r=[8,4,2,0]" and "beats r=[4,4,4,4]" in reason
     # Channel pruning must beat the schedule it would replace, not only plain ToMe.
     channels = "r=[6,4,2,0],mlp_pruned=0.125"
-    kls = {**clear, channels: [v - 0.0005 for v in clear["r=[8,4,2,0]"]]}
+    kls = {**clear, channels: [v - 0.0001 for v in clear["r=[8,4,2,0]"]]}
     kls[channels] = [v + 0.003 * (1 if i % 2 else -1) for i, v in enumerate(kls[channels])]
     chosen, tested, _ = decide([(inc, 0.05), ("r=[8,4,2,0]", 0.03), (channels, 0.01)], kls, inc)
     assert chosen == "r=[8,4,2,0]" and tested[-1].setting == channels and tested[-1].against == "r=[8,4,2,0]"
