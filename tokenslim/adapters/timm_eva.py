@@ -230,7 +230,7 @@ class TokenSlimEva(TimmReducing, Eva):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         """timm's ``forward_head(forward_features(x))``; a class-token head reads the reduced tokens as they are."""
-        if _pools_patches(self) or self.global_pool != "token":
+        if timm_base.pools_patches(self) or self.global_pool != "token":
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x, context = self._tokenslim_embed(x)
         x, _, _, _, _ = self._tokenslim_blocks(x, context, attn_mask, is_causal)
@@ -268,7 +268,6 @@ def _check_supported(model: nn.Module) -> None:
                         "shape); supported rope types: cat, mixed, dinov3")
 
 
-_pools_patches = timm_base.pools_patches
 
 
 def has_rope(model: nn.Module) -> bool:
@@ -289,7 +288,7 @@ def patch(model: nn.Module, r: RSpec = 0, **settings: Any) -> nn.Module:
     """
     check_timm_version()
     _check_supported(model)
-    settings = timm_base.reduction_settings(model, _pools_patches(model), r, has_rope=has_rope(model), **settings)
+    settings = timm_base.reduction_settings(model, timm_base.pools_patches(model), r, has_rope=has_rope(model), **settings)
     if is_local(settings.rope_treatment) and has_rope(model) and any(settings.r_schedule) \
             and not settings.method_spec.local_merging:
         raise ValueError(f"rope={settings.rope_treatment!r} restricts ToMe's matching to spatial neighbours, and method "

@@ -226,20 +226,19 @@ def _check_supported(model: nn.Module) -> None:
             )
 
 
-_pools_patches = timm_base.pools_patches
 
 
 def _reads_prefix_only(model: nn.Module) -> bool:
     """Whether ``forward_head`` reads nothing but the prefix tokens (class / distillation tokens)."""
     if isinstance(model, VisionTransformerDistilled):
         return True
-    return not _pools_patches(model) and model.global_pool == "token" and model.num_prefix_tokens > 0
+    return not timm_base.pools_patches(model) and model.global_pool == "token" and model.num_prefix_tokens > 0
 
 
 def _refuse_drops_with_patch_pooling(model: nn.Module) -> None:
     """Pruning without fusion leaves patches without a token; a head that pools patch tokens
     (avg/max/map) would then average zeros in."""
-    if _pools_patches(model):
+    if timm_base.pools_patches(model):
         raise ValueError(
             f"pruning without fusion drops tokens, but this model pools over patch tokens "
             f"(global_pool={model.global_pool!r}); set fuse_pruned=True or use a class-token pooled model"
@@ -283,7 +282,7 @@ def patch(model: nn.Module, r: RSpec = 0, **settings: Any) -> nn.Module:
     """
     check_timm_version()
     _check_supported(model)
-    model.tokenslim = timm_base.reduction_settings(model, _pools_patches(model), r, **settings)
+    model.tokenslim = timm_base.reduction_settings(model, timm_base.pools_patches(model), r, **settings)
     model.__class__ = _PATCHED_CLASSES.get(type(model), type(model))
     wire(model.blocks, lambda block: block.attn, __name__)
     return model

@@ -192,10 +192,10 @@ def recover(model: nn.Module, teacher: nn.Module, data: Dataset, method: str = "
                       precision=precision, num_workers=num_workers, seed=seed, state_path=state_path,
                       save_every=save_every, val_data=val_data, progress=progress, say=say, identity=identity,
                       device=device, cache_teacher=cache_teacher, hflip=hflip)
-    _announce(trainer, info.world_size, t_out.shape[-1])
+    _announce(trainer, t_out.shape[-1])
     trainer.resume()
     seconds = trainer.run()
-    return _finish(model, trainer, names_before, seconds, save_every, info.world_size, batch_size)
+    return _finish(model, trainer, names_before, seconds)
 
 
 def _prepare_method(model: nn.Module, method: str) -> None:
@@ -231,8 +231,9 @@ def _identity(model: nn.Module, teacher: nn.Module, data: Optional[Dataset], /, 
                        reduction=reduction.as_dict() if hasattr(reduction, "as_dict") else None, **options)
 
 
-def _announce(trainer: Trainer, world_size: int, classes: int) -> None:
+def _announce(trainer: Trainer, classes: int) -> None:
     """The first log lines: ranks, batch split, steps, learning rate, device, the teacher cache's size."""
+    world_size = trainer.info.world_size
     plural = "s" if world_size > 1 else ""
     share = f"{trainer.micro} per rank x {world_size} rank{plural}" + \
         (f" x {trainer.accum} accumulation steps" if trainer.accum > 1 else "")
@@ -247,8 +248,7 @@ def _announce(trainer: Trainer, world_size: int, classes: int) -> None:
                     f"{classes} classes, {size:.1f} MB), computed once each")
 
 
-def _finish(model: nn.Module, trainer: Trainer, names_before: Dict[str, Any], seconds: float, save_every: int,
-            world_size: int, batch_size: int) -> RecoverResult:
+def _finish(model: nn.Module, trainer: Trainer, names_before: Dict[str, Any], seconds: float) -> RecoverResult:
     """Fold the trained parameters back into ``model`` (its state_dict keys and shapes unchanged) and report."""
     fold_back(model, trainer.student)
     after = {n: tuple(p.shape) for n, p in model.state_dict().items()}
@@ -256,8 +256,9 @@ def _finish(model: nn.Module, trainer: Trainer, names_before: Dict[str, Any], se
         extra = sorted(set(after) - set(names_before))[:3]
         raise RuntimeError(f"recovery changed the model's parameters (e.g. {extra}); please report this")
     trainable = sum(p.numel() for p in trainer.params.values())
-    return RecoverResult(trainer.method, trainer.step, trainer.images, trainer.losses, seconds, trainable, save_every,
-                         trainer.epoch, world_size, batch_size, trainer.val_history,
+    return RecoverResult(trainer.method, trainer.step, trainer.images, trainer.losses, seconds, trainable,
+                         trainer.save_every, trainer.epoch, trainer.info.world_size, trainer.batch_size,
+                         trainer.val_history,
                          trainer.best["entry"] if trainer.best else None)
 
 
