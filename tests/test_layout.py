@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "tokenslim"
 
 # docs/layout.md, "Layers": a module may import its own layer and the layers below.
 LAYERS = [
-    ("tokenslim.versions", "tokenslim.input_size", "tokenslim.meta", "tokenslim.ops"),
+    ("tokenslim.versions", "tokenslim.input_size", "tokenslim.meta", "tokenslim.ranks", "tokenslim.ops"),
     ("tokenslim.methods",),
     ("tokenslim.schedule", "tokenslim.settings_checks", "tokenslim.merge_policy"),
     ("tokenslim.reduction",),

@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import os
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
@@ -14,7 +15,9 @@ from torch.utils.data import Dataset
 from .evaluate import evaluate
 from .fingerprint import check_same_run, fingerprint
 from .journal import append_jsonl, read_jsonl, remove_journal
+from .measure.alone import time_alone
 from .measure.table import format_number, benchmark_settings
+from .ranks import current, on_main
 from .spec import apply_setting, format_setting, parse_setting
 
 CSV_COLUMNS = (
@@ -34,12 +37,6 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
         )
         flags.append(not dominated)
     return flags
-
-
-def _single_process() -> bool:
-    from .evaluate.distributed import current
-
-    return current().world_size == 1
 
 
 def dedupe_settings(settings: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -86,18 +83,27 @@ def run_sweep(
 ) -> List[Dict[str, Any]]:
     """Evaluate and benchmark every setting against the unpatched ``model``.
 
-    Accuracy comes from :func:`tokenslim.evaluate.evaluate` with the unpatched model as reference;
-    speed from :func:`tokenslim.measure.table.benchmark_settings`, each setting interleaved with
-    the unpatched model in one process. Returns one JSON-serialisable row per setting, the unpatched
-    model first, with a ``pareto`` flag for the accuracy/throughput front.
+    Accuracy comes from :func:`tokenslim.evaluate.evaluate` against the unpatched model's outputs,
+    computed once; speed from :func:`tokenslim.measure.table.benchmark_settings`, each setting
+    interleaved with the unpatched model in one process. Returns one JSON-serialisable row per
+    setting, the unpatched model first, with a ``pareto`` flag for the accuracy/throughput front.
+
+    Under ``torchrun`` (a process group joined, e.g. by :func:`tokenslim.ranks.init_from_env`)
+    every rank calls this with the same arguments: each evaluates its shard of ``data`` (the
+    reference outputs of its shard kept by each), the counts are summed, so the accuracy columns
+    equal a single-process run bit for bit; every timing is taken by rank 0 alone while the other
+    ranks wait (:func:`tokenslim.measure.alone.time_alone`). Every rank returns the same rows;
+    rank 0 alone reads and writes ``jsonl_path`` and calls ``progress``.
 
     Nothing finished is lost: with ``jsonl_path`` each setting's row is appended to that file the
-    moment it is done, and a rerun of the same run skips the settings already there. The same run
-    means the same :func:`tokenslim.fingerprint.fingerprint`: the model's weights, the data and the
-    options in ``run`` (timing and evaluation options that change a result); another run's file is
-    refused, naming what differs. ``fresh=True`` deletes the file first. Repeated settings run once.
+    moment it is done, and a rerun of the same run skips the settings already there, on any number
+    of ranks. The same run means the same :func:`tokenslim.fingerprint.fingerprint`: the model's
+    weights, the data and the options in ``run`` (timing and evaluation options that change a
+    result); another run's file is refused, naming what differs. ``fresh=True`` deletes the file
+    first. Repeated settings run once.
     """
-    say = progress or (lambda msg: None)
+    info = current()
+    say = (progress or (lambda msg: None)) if info.is_main else (lambda msg: None)
     eval_kwargs = dict(eval_kwargs or {})
     bench_kwargs = dict(bench_kwargs or {})
     from .measure.benchmark import check_options
@@ -106,61 +112,78 @@ def run_sweep(
     names, duplicates = dedupe_settings(settings)
     if duplicates:
         say(f"skipping repeated settings: {', '.join(duplicates)}")
-    run = fingerprint(model, data, **{"model": model_name, **(run or {})})
-    done: Dict[str, Dict[str, Any]] = {}
-    if jsonl_path:
-        os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
-        if fresh:
-            remove_journal(jsonl_path)
-        done = read_rows(jsonl_path, run)
-        resumed = [n for n in names if n in done]
-        if resumed:
-            say(f"resuming: {len(resumed)} of {len(names)} settings already in {jsonl_path} ({', '.join(resumed)})")
     if len(names) < 2:
         raise ValueError("a sweep needs at least one setting besides the unpatched model (e.g. r=8)")
+    run = fingerprint(model, data, **{"model": model_name, **(run or {})})
+    done = on_main(lambda: _resume(jsonl_path, run, fresh, names, info.world_size, say), info) if jsonl_path else {}
     rows: Dict[str, Dict[str, Any]] = dict(done)
     pending_base: Optional[Dict[str, Any]] = None
-    # The unpatched model's outputs, computed once and reused as every setting's reference.
-    reference_logits = None
+    reference_logits = None  # the unpatched model's outputs (this rank's shard), every setting's reference
+    spent = {"accuracy": 0.0, "timing": 0.0}
 
     def write(row: Dict[str, Any]) -> None:
         rows[row["setting"]] = row
-        if jsonl_path:
+        if jsonl_path and info.is_main:
             append_jsonl(jsonl_path, row)
 
     for i, name in enumerate(names):
         if name in done:
             continue
         say(f"[{i + 1}/{len(names)}] {name}: accuracy")
-        if name != "none" and reference_logits is None and _single_process():
+        started = time.perf_counter()
+        if name != "none" and reference_logits is None:
             say("unpatched model: outputs for reference")
             reference_logits = evaluate(model, data, label="none", keep_logits=True, **eval_kwargs).logits
         candidate = apply_setting(copy.deepcopy(model), parse_setting(name))
         if name == "none":
-            acc = evaluate(candidate, data, label=name, keep_logits=_single_process(), **eval_kwargs)
+            acc = evaluate(candidate, data, label=name, keep_logits=True, **eval_kwargs)
             reference_logits = acc.logits
-        elif reference_logits is not None:
-            acc = evaluate(candidate, data, reference_logits=reference_logits, label=name, **eval_kwargs)
         else:
-            acc = evaluate(candidate, data, reference=model, label=name, **eval_kwargs)
+            acc = evaluate(candidate, data, reference_logits=reference_logits, label=name, **eval_kwargs)
+        spent["accuracy"] += time.perf_counter() - started
         row = {"model": model_name, "setting": name, **{k: v for k, v in acc.to_dict().items() if k != "settings"}}
         row["run"] = run
         if name == "none":
             pending_base = row  # its speed row comes with the first setting's timing
             continue
         say(f"[{i + 1}/{len(names)}] {name}: speed, interleaved with the unpatched model")
-        timed = {r["setting"]: r for r in benchmark_settings(model, [name], model_name=model_name, **bench_kwargs)}
+        started = time.perf_counter()
+        timed = time_alone(lambda: {r["setting"]: r for r in benchmark_settings(model, [name], model_name=model_name,
+                                                                               **bench_kwargs)})
+        row["timing_seconds"] = time.perf_counter() - started
+        spent["timing"] += row["timing_seconds"]
         row.update({k: v for k, v in timed[name].items() if k not in ("model", "setting")})
         if pending_base is not None:
             pending_base.update({k: v for k, v in timed["none"].items() if k not in ("model", "setting")})
             write(pending_base)
             pending_base = None
         write(row)
+    if spent["accuracy"]:
+        say(f"this run: accuracy {spent['accuracy']:.1f} s on {info.world_size} rank(s), timing "
+            f"{spent['timing']:.1f} s (rank 0 alone)")
     rows = [rows[n] for n in names]
     flags = pareto_front([(r["throughput_ratio"], r["top1"]) for r in rows])
     for row, flag in zip(rows, flags):
         row["pareto"] = flag
     return rows
+
+
+def _resume(path: str, run: Dict[str, Any], fresh: bool, names: Sequence[str], world_size: int,
+            say: Callable[[str], None]) -> Dict[str, Dict[str, Any]]:
+    """The rows of ``names`` an earlier run of the same sweep left in ``path`` (rank 0's work)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if fresh:
+        remove_journal(path)
+    done = read_rows(path, run)
+    resumed = [n for n in names if n in done]
+    if resumed:
+        say(f"resuming: {len(resumed)} of {len(names)} settings already in {path} ({', '.join(resumed)})")
+        others = sorted({done[n].get("world_size", 1) for n in resumed} - {world_size})
+        if others:
+            say(f"note: rows of {path} were evaluated on {' and '.join(map(str, others))} rank(s), this run on "
+                f"{world_size}: the accuracy columns are exact sums, the same on any number of ranks, and every "
+                "timing was taken by one process alone")
+    return done
 
 
 def format_sweep(rows: Sequence[Dict[str, Any]]) -> str:

@@ -84,9 +84,9 @@ def run_eval(args: argparse.Namespace) -> List[dict]:
             rows.append(done[name])
             continue
         if name == "none":
-            # In one process the reference's logits are kept and reused: every setting is then one
-            # forward pass per batch instead of two (under torchrun each rank recomputes its shard).
-            result = evaluate(reference, data, label="none", keep_logits=info.world_size == 1, **common)
+            # The reference's logits are kept and reused (under torchrun each rank keeps its shard's):
+            # every setting is then one forward pass per batch instead of two.
+            result = evaluate(reference, data, label="none", keep_logits=True, **common)
             reference_logits, result.logits = result.logits, None
         else:
             model = base if name == "checkpoint" else apply_setting(copy.deepcopy(base), parse_setting(name))

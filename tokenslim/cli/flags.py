@@ -149,7 +149,7 @@ def load_baseline(args: argparse.Namespace):
     settings its checkpoint carries (``None`` if none), said on stderr when they matter."""
     import torch
 
-    from ..evaluate.distributed import current
+    from ..ranks import current
     from ..loading import architecture, load_baseline as load
 
     if not args.checkpoint and not args.pretrained and not getattr(args, "random_weights", True):

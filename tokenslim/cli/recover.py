@@ -221,7 +221,7 @@ def _training_data(args: argparse.Namespace, transform):
 
 
 def _recover_one(args, start, teacher, name, config, data, val, setting, path, state):
-    from ..evaluate.distributed import current
+    from ..ranks import current
     from ..loading import save_checkpoint
     from ..recover import recover
     from ..spec import CHANNEL_KEYS, apply_setting, format_setting

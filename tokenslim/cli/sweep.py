@@ -20,10 +20,12 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
-    from ..evaluate import open_dataset, resolve_transform, select
+    from ..evaluate import init_from_env, open_dataset, resolve_transform, select
+    from ..ranks import on_main
     from ..sweep import format_sweep, run_sweep, write_outputs
 
-    flags.check_out_dir(args.out)
+    info = init_from_env()  # under torchrun: accuracy on every rank's shard, timing by rank 0 alone
+    on_main(lambda: flags.check_out_dir(args.out), info)
     model, name, settings, _ = flags.load_model_and_settings(args)
     transform, _ = resolve_transform(model, **flags.input_overrides(model, args.img_size))
     data = select(open_dataset(args.data, transform), args.limit, args.holdout, args.seed)
@@ -38,6 +40,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> List[dict]:
         progress=None if args.quiet else flags.progress,
         jsonl_path=os.path.join(args.out, "sweep.jsonl"), run=run, fresh=args.fresh,
     )
+    if not info.is_main:
+        return rows
     print(format_sweep(rows))
     print("* = on the accuracy/throughput Pareto front; d top1 = paired difference to the unpatched model")
     paths = write_outputs(rows, args.out, "sweep", title=f"{name}: top-1 vs measured speed-up")

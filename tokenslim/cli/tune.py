@@ -68,10 +68,12 @@ def _method_options(args: argparse.Namespace) -> dict:
 
 
 def run_tune_cmd(args: argparse.Namespace):
-    from ..evaluate import open_dataset, resolve_transform, subset
+    from ..evaluate import init_from_env, open_dataset, resolve_transform, subset
+    from ..ranks import on_main
     from ..tune import tune
 
-    flags.check_out_dir(args.out)
+    info = init_from_env()  # under torchrun: evaluations on every rank's shard, timings by rank 0 alone
+    on_main(lambda: flags.check_out_dir(args.out), info)
     options = _method_options(args)
     speedup = args.speedup if args.speedup is not None or args.max_drop is not None else 1.5
     model, name, _ = flags.load_baseline(args)
@@ -87,6 +89,10 @@ def run_tune_cmd(args: argparse.Namespace):
         run_info={"model": name, "limit": args.limit, "seed": args.seed},
         confirm=args.confirm, finalists=args.finalists, confirm_z=args.confirm_z, seed=args.seed,
     )
+    if not info.is_main:
+        if result.reached is False and not args.allow_miss:
+            raise SystemExit(3)
+        return result
     b = result.best
     goal = f"target {result.target}x" if result.target else f"drop budget {result.max_drop} points"
     acc = f", top-1 {b.top1:.2f} ({b.top1_diff:+.2f})" if b.top1 is not None else ""

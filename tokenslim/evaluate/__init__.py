@@ -16,7 +16,7 @@ from .data import (
     select,
     subset,
 )
-from .distributed import DistInfo, init_from_env, shard_indices
+from ..ranks import DistInfo, init_from_env, shard_indices
 
 __all__ = [
     "DistInfo",

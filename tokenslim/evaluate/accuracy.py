@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import distributed as dist_utils
+from .. import ranks as dist_utils
 from .data import check_labels, match_classes
 from ..measure.benchmark import resolve_precision
 
@@ -91,10 +91,12 @@ def evaluate(
 ) -> EvalResult:
     """Top-1/top-5, loss and, given a reference model, agreement, KL and the paired top-1 difference.
 
-    Under ``torchrun`` (process group initialised, e.g. by
-    :func:`tokenslim.evaluate.distributed.init_from_env`) each rank evaluates a disjoint unpadded
-    shard and integer counts are summed, so the result equals a single-process run exactly (float
-    sums to rounding). Every rank returns the same result.
+    Under ``torchrun`` (process group initialised, e.g. by :func:`tokenslim.ranks.init_from_env`)
+    each rank evaluates a disjoint unpadded shard of whole batches (the batches a single process
+    runs, so each image's outputs are the same bits) and integer counts are summed; the loss and KL
+    are summed per image in fixed point (:data:`FIXED_POINT`), so no sum depends on the order of
+    images, batches or ranks: the result equals a single-process run with the same ``batch_size``
+    bit for bit. Every rank returns the same result.
 
     Args:
         model: the model to evaluate (moved to ``device``, put in eval mode).
@@ -105,11 +107,14 @@ def evaluate(
         device: defaults to CUDA (this rank's GPU) when available, else CPU.
         precision: ``float32``, ``bfloat16``, ``float16``, ``amp_bfloat16`` or ``amp_float16``.
         progress: print progress to stderr (main rank only).
-        reference_logits: ``[len(data), classes]`` logits of the reference on ``data`` in order,
-            e.g. ``logits`` of an earlier result: used instead of running ``reference`` again
-            (a sweep evaluates the unpatched model once). Single process only.
-        keep_logits: keep this model's ``[len(data), classes]`` float32 logits as ``result.logits``
-            (not part of :meth:`EvalResult.to_dict`).
+        reference_logits: logits of the reference on ``data`` in order, e.g. ``logits`` of an
+            earlier result: used instead of running ``reference`` again (a sweep evaluates the
+            unpatched model once). ``[len(data), classes]``, or under torchrun this rank's shard
+            of them as ``keep_logits`` returns it (each rank keeps its own: nothing is gathered).
+        keep_logits: keep this model's float32 logits as ``result.logits`` (not part of
+            :meth:`EvalResult.to_dict`): ``[len(data), classes]``; under torchrun the rows of this
+            rank's shard (:func:`tokenslim.ranks.shard_indices` with ``block=batch_size``;
+            :func:`tokenslim.ranks.gather_rows` puts every rank's back in order).
     """
     _check_inputs(model, data, reference, reference_logits, batch_size)
     info = dist_utils.current()
@@ -120,11 +125,13 @@ def evaluate(
     models = [m.eval().to(device=device, dtype=dtype) for m in ([model] + ([reference] if reference else []))]
     amp = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
 
-    part = dist_utils.shard(data, info)
+    part = dist_utils.shard(data, info, block=batch_size)  # whole batches: the batches one process would run
+    if reference_logits is not None and reference_logits.shape[0] != len(part):
+        reference_logits = reference_logits[dist_utils.shard_indices(len(data), info.rank, info.world_size,
+                                                                     batch_size)]
     loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    counts = torch.zeros(7, dtype=torch.int64)  # see _count_batch
-    sums = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(9, dtype=torch.int64)  # see _count_batch
     bar = _progress_bar(len(data), progress and info.is_main, label)
     start = time.perf_counter()
     kept: list = []
@@ -140,7 +147,7 @@ def evaluate(
         elif reference is not None:
             with amp():
                 ref_logits = models[1](images).float()
-        _count_batch(counts, sums, logits, target, ref_logits)
+        _count_batch(counts, logits, target, ref_logits)
         if keep_logits:
             kept.append(logits.cpu())
         # Progress counts all ranks' images, estimated from this rank's share.
@@ -148,8 +155,7 @@ def evaluate(
         offset += images.shape[0]
     bar.close()
     dist_utils.all_reduce_sum(counts, info)
-    dist_utils.all_reduce_sum(sums, info)
-    result = _result(counts, sums, reference is not None or reference_logits is not None,
+    result = _result(counts, reference is not None or reference_logits is not None,
                      seconds=time.perf_counter() - start, world_size=info.world_size, device=str(device),
                      precision=precision, settings=model.tokenslim.as_dict() if hasattr(model, "tokenslim") else {},
                      versions=_versions())
@@ -174,16 +180,28 @@ def _check_inputs(model: nn.Module, data: Dataset, reference: Optional[nn.Module
     if reference_logits is not None:
         if reference is not None:
             raise ValueError("pass either reference or reference_logits, not both")
-        if dist_utils.current().world_size > 1:
-            raise ValueError("reference_logits works in a single process only; pass reference= under torchrun")
-        if reference_logits.shape[0] != len(data):
-            raise ValueError(f"reference_logits has {reference_logits.shape[0]} rows for {len(data)} images")
+        info = dist_utils.current()
+        own = len(dist_utils.shard_indices(len(data), info.rank, info.world_size, batch_size))
+        if reference_logits.shape[0] not in (len(data), own):
+            shard = f" (or this rank's shard of {own})" if info.world_size > 1 else ""
+            raise ValueError(f"reference_logits has {reference_logits.shape[0]} rows for {len(data)} images{shard}")
 
 
-# counts: correct1, correct5, images, agree, ref_correct1, sum(d), sum(|d|) for d = c1 - ref_c1; sums: loss, KL
-def _count_batch(counts: torch.Tensor, sums: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+# Loss and KL are summed per image as integers in units of 2**-28: order-free sums (any sharding,
+# batching or rank count gives the same bits), 4e-9 per image of rounding, room for 10**6 images
+# of a loss up to 10**4 before an int64 could overflow.
+FIXED_POINT = 2 ** 28
+
+
+def _fixed(values: torch.Tensor) -> int:
+    return int(torch.round(values.double() * FIXED_POINT).to(torch.int64).sum())
+
+
+# counts: correct1, correct5, images, agree, ref_correct1, sum(d), sum(|d|) for d = c1 - ref_c1,
+# loss and KL in FIXED_POINT units
+def _count_batch(counts: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
                  ref_logits: Optional[torch.Tensor]) -> None:
-    """Add one batch to the integer ``counts`` and float64 ``sums`` (summed over ranks afterwards)."""
+    """Add one batch to the integer ``counts`` (summed over ranks afterwards)."""
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     c1 = top5[:, 0] == target
     counts[0] += int(c1.sum())
@@ -191,7 +209,7 @@ def _count_batch(counts: torch.Tensor, sums: torch.Tensor, logits: torch.Tensor,
     counts[2] += logits.shape[0]
     labelled = (target >= 0) & (target < logits.shape[-1])  # unlabelled images (e.g. -1) add no loss
     if bool(labelled.any()):
-        sums[0] += float(F.cross_entropy(logits[labelled], target[labelled], reduction="sum").double())
+        counts[7] += _fixed(F.cross_entropy(logits[labelled].double(), target[labelled], reduction="none"))
     if ref_logits is not None:
         ref_c1 = ref_logits.argmax(-1) == target
         counts[3] += int((logits.argmax(-1) == ref_logits.argmax(-1)).sum())
@@ -200,11 +218,11 @@ def _count_batch(counts: torch.Tensor, sums: torch.Tensor, logits: torch.Tensor,
         counts[5] += int(d.sum())
         counts[6] += int(d.abs().sum())
         ref_logp = ref_logits.log_softmax(-1).double()
-        sums[1] += float((ref_logp.exp() * (ref_logp - logits.log_softmax(-1).double())).sum())
+        counts[8] += _fixed((ref_logp.exp() * (ref_logp - logits.log_softmax(-1).double())).sum(-1))
 
 
-def _result(counts: torch.Tensor, sums: torch.Tensor, paired: bool, **fields: Any) -> EvalResult:
-    """The :class:`EvalResult` of the summed ``counts`` and ``sums`` (with the paired fields if ``paired``)."""
+def _result(counts: torch.Tensor, paired: bool, **fields: Any) -> EvalResult:
+    """The :class:`EvalResult` of the summed ``counts`` (with the paired fields if ``paired``)."""
     n = int(counts[2])
     if n == 0:
         raise ValueError("the dataset is empty: nothing to evaluate")
@@ -214,14 +232,14 @@ def _result(counts: torch.Tensor, sums: torch.Tensor, paired: bool, **fields: An
         top5=100.0 * int(counts[1]) / n,
         correct1=int(counts[0]),
         correct5=int(counts[1]),
-        loss=float(sums[0]) / n,
+        loss=int(counts[7]) / FIXED_POINT / n,
         **fields,
     )
     if paired:
         mean_d = int(counts[5]) / n
         var = (int(counts[6]) - n * mean_d ** 2) / (n - 1) if n > 1 else float("nan")
         result.agreement = 100.0 * int(counts[3]) / n
-        result.kl = float(sums[1]) / n
+        result.kl = int(counts[8]) / FIXED_POINT / n
         result.reference_top1 = 100.0 * int(counts[4]) / n
         result.top1_diff = 100.0 * mean_d
         result.top1_diff_se = 100.0 * math.sqrt(max(var, 0.0) / n)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..input_size import resolve_img_size
+from .alone import check_alone
 
 PRECISIONS = ("float32", "bfloat16", "float16", "amp_bfloat16", "amp_float16")
 
@@ -71,6 +72,7 @@ class RunContext:
     cpu_threads: int
     torch_version: str = torch.__version__
     device_name: str = ""
+    host: str = field(default_factory=platform.node)  # several hosts under torchrun: which one timed
 
     def __post_init__(self) -> None:
         if not self.device_name:
@@ -127,6 +129,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _context(model, device, precision, batch_size, img_size, channels_last, compile) -> RunContext:
+    check_alone()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is None:

@@ -164,7 +164,7 @@ def recover(model: nn.Module, teacher: nn.Module, data: Dataset, method: str = "
             smaller than one global batch, a global batch that does not split over the ranks.
         ImportError: a LoRA method without ``peft`` (naming the extra to install).
     """
-    from ..evaluate.distributed import init_from_env
+    from ..ranks import init_from_env
 
     steps = _check_arguments(model, method, steps, epochs, batch_size, save_every, accum, mixup, lr, ce_weight,
                              lora_rank, temperature, feature_weight)

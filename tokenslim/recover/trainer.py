@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..evaluate import dataset_targets
-from ..evaluate.distributed import DistInfo, current
+from ..ranks import DistInfo, current
 from .data import SeededItems, epoch_plan, global_batches, is_presplit, rank_micro_batches, stream_micro_batches
 from .losses import ClassTokenTaps, distill_loss, mixup_lambda, partners
 from .params import attach, freeze_key_bias

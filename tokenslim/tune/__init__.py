@@ -131,7 +131,10 @@ def tune(model: nn.Module, data: Dataset, speedup: Optional[float] = 1.5, max_dr
     for m in methods:
         get_method(m)
     method_options = dict(method_options or {})
-    say = progress or (lambda msg: None)
+    from ..ranks import current
+
+    ranks = current()
+    say = (progress or (lambda msg: None)) if ranks.is_main else (lambda msg: None)
     start = time.perf_counter()
     deadline = start + 60.0 * budget_min
     run = fingerprint(model, data, target=speedup, max_drop=max_drop, methods=list(methods), step=step,
@@ -163,10 +166,19 @@ def tune(model: nn.Module, data: Dataset, speedup: Optional[float] = 1.5, max_dr
     best, confirmation = _choose(searcher, finals, held, aim, confirm_data, finalists, confirm_z)
     result = TuneResult(setting=best.setting, best=best, candidates=searcher.candidates, target=speedup,
                         max_drop=max_drop, seconds=time.perf_counter() - start, confirmation=confirmation,
-                        stopped_by_budget=searcher.out_of_time())
-    if out_dir:
+                        stopped_by_budget=searcher.out_of_time(), spent=dict(searcher.spent))
+    say(budget_line(result.spent, result.seconds, ranks.world_size))
+    if out_dir and ranks.is_main:
         result.files = write_outputs(result, out_dir)
     return result
+
+
+def budget_line(spent: Dict[str, float], seconds: float, world_size: int) -> str:
+    """Where the wall time went, largest share first: the line ``tune`` ends its log with."""
+    parts = ", ".join(f"{phase} {sec / 60:.1f} min ({100 * sec / max(seconds, 1e-9):.0f}%)"
+                      for phase, sec in sorted(spent.items(), key=lambda kv: -kv[1]))
+    where = f"evaluations on {world_size} ranks, timings on rank 0 alone" if world_size > 1 else "one process"
+    return f"budget: {seconds / 60:.1f} min: {parts or 'everything replayed from the journal'} ({where})"
 
 
 def _screen_size(model: nn.Module, search: Tuple[str, ...], prune_ok: bool, step: int, images: int,

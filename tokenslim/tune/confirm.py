@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..evaluate import evaluate
+from ..ranks import current, gather_rows
 from ..spec import apply_setting, parse_setting
 
 DEFAULT_SHARE = 0.25
@@ -207,7 +208,9 @@ def confirm(search: Any, held: Optional[Any], data: Any, finalists: int, z: floa
                 ref = evaluate(search.model, data, keep_logits=True, **search.eval_kw).logits
             model = apply_setting(copy.deepcopy(search.model), parse_setting(c.setting))
             logits = evaluate(model, data, keep_logits=True, reference_logits=ref, **search.eval_kw).logits
-            journal.add("confirm", c.setting, {"kl": [round(float(v), 9) for v in per_image_kl(ref, logits)]})
+            # Under torchrun each rank holds its shard's outputs: the per-image KLs come back in image order.
+            kl = gather_rows(per_image_kl(ref, logits), len(data), current(), search.eval_kw.get("batch_size", 64))
+            journal.add("confirm", c.setting, {"kl": [round(float(v), 9) for v in kl]})
     kls = {c.setting: journal.confirms[c.setting]["kl"] for c in options}
     chosen, tested, reason = decide([(c.setting, c.kl) for c in options], kls, incumbent, z)
     diff, se = paired(kls[chosen], kls[incumbent]) if incumbent is not None and chosen != incumbent else (0.0, 0.0)
@@ -216,6 +219,7 @@ def confirm(search: Any, held: Optional[Any], data: Any, finalists: int, z: floa
                           diff=diff, se=se, z=z, reason=reason, finalists=tested,
                           seconds=time.perf_counter() - started)
     search.say(result.summary())
+    search.book("confirm", started)
     return next(c for c in options if c.setting == chosen), result
 
 

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..fingerprint import check_same_run
 from ..journal import append_jsonl, read_jsonl, remove_journal
+from ..ranks import current, on_main
 
 
 @dataclass
@@ -48,7 +49,11 @@ class TuneResult:
         candidates: every candidate evaluated, in order.
         target: the speed-up asked for (or ``None`` with ``max_drop``).
         seconds: wall time of this call (replayed candidates cost nothing).
-        files: output files written.
+        spent: where ``seconds`` went: wall seconds per phase (``calibration``, ``incumbent``,
+            ``greedy``, ``screen``, ``refine``, ``challenge``/``contest``, ``timing`` (every timing,
+            whatever phase asked), ``confirm``); evaluations are spread over torchrun ranks,
+            timings are not.
+        files: output files written (by rank 0 under torchrun; empty on the other ranks).
     """
 
     setting: str
@@ -60,6 +65,7 @@ class TuneResult:
     files: Dict[str, str] = field(default_factory=dict)
     confirmation: Optional[Any] = None
     stopped_by_budget: bool = False
+    spent: Dict[str, float] = field(default_factory=dict)
 
     @property
     def evaluated(self) -> int:
@@ -84,15 +90,23 @@ class Journal:
         self.evals: Dict[str, dict] = {}
         self.timings: Dict[str, dict] = {}
         self.confirms: Dict[str, dict] = {}
+        self.writes = current().is_main  # under torchrun rank 0 reads and writes; every rank replays
         if path is None:
             return
+        for row in on_main(lambda: self._read(path, run, fresh)):
+            self._book(row["kind"])[row["setting"]] = row
+
+    @staticmethod
+    def _read(path: str, run: Dict[str, Any], fresh: bool) -> List[dict]:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if fresh:
             remove_journal(path)
+        rows = []
         for lineno, row in read_jsonl(path):
             check_same_run(row.get("run"), run, f"{path}:{lineno}",
                            "pass fresh=True (--fresh) to start over, or another output folder")
-            self._book(row["kind"])[row["setting"]] = row
+            rows.append(row)
+        return rows
 
     def _book(self, kind: str) -> Dict[str, dict]:
         return {"timing": self.timings, "confirm": self.confirms}.get(kind, self.evals)
@@ -101,7 +115,7 @@ class Journal:
         """Record one finished ``"eval"``, ``"timing"`` or ``"confirm"`` row (appended to the file at once)."""
         row = {"kind": kind, "setting": setting, **values, "run": self.run}
         self._book(kind)[setting] = row
-        if self.path:
+        if self.path and self.writes:
             append_jsonl(self.path, row)
 
 
@@ -123,6 +137,7 @@ def write_outputs(result: TuneResult, out_dir: str) -> Dict[str, str]:
         json.dump({"setting": result.setting, "best": asdict(result.best), "target": result.target,
                    "reached": result.reached, "max_drop": result.max_drop, "seconds": round(result.seconds, 1),
                    "candidates": result.evaluated, "stopped_by_budget": result.stopped_by_budget,
+                   "seconds_by_phase": {k: round(v, 1) for k, v in result.spent.items()},
                    "confirmation": asdict(result.confirmation) if result.confirmation is not None else None},
                   f, indent=2)
     png = os.path.join(out_dir, "candidates.png")
