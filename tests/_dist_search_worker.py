@@ -19,7 +19,7 @@ import tokenslim.sweep as sweep_module
 import tokenslim.tune.record as record
 import tokenslim.tune.scoring as scoring
 from tokenslim.measure import compare, time_alone
-from tokenslim.ranks import init_from_env
+from tokenslim.ranks import gather_rows, init_from_env, on_main, shard_indices
 
 mode, out = sys.argv[1], sys.argv[2]
 info = init_from_env()
@@ -72,6 +72,17 @@ elif mode == "timing":
     report["returned"] = time.time()
     report["threads_inside"] = seen.get("threads")
     report["threads_after"] = torch.get_num_threads()
+
+    def refuse():
+        raise ValueError("sweep.jsonl holds rows of another run")
+
+    try:  # rank 0's error (a journal of another run, say) is raised on every rank: none is left waiting
+        on_main(refuse)
+    except ValueError as e:
+        report["error"] = str(e)
+    # 9 items in blocks of 2: rank 0 holds 0, 1, 4, 5, 8 and rank 1 holds 2, 3, 6, 7.
+    own = torch.tensor([float(i) for i in shard_indices(9, info.rank, 2, 2)])
+    report["gathered"] = gather_rows(own, 9, info, 2).tolist()
 report["appended"] = len(appended)
 with open(os.path.join(out, f"rank{info.rank}.json"), "w") as f:
     json.dump(report, f)

@@ -81,7 +81,7 @@ def test_tune_on_two_ranks_equals_one_process(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_timing_under_torchrun_is_taken_alone_or_refused(tmp_path):
+def test_a_timing_under_torchrun_is_taken_alone_or_refused_and_rank_0_decides_for_all(tmp_path):
     (tmp_path / "t").mkdir()
     proc, _ = _torchrun("timing", tmp_path / "t")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,6 +93,8 @@ def test_a_timing_under_torchrun_is_taken_alone_or_refused(tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert ranks[0]["threads_inside"] == min(2, cores) and ranks[0]["threads_after"] == 1
     assert ranks[1]["threads_inside"] is None  # it computed nothing during the timing
+    assert ranks[0]["error"] == ranks[1]["error"] == "sweep.jsonl holds rows of another run"
+    assert ranks[0]["gathered"] == ranks[1]["gathered"] == list(range(9))  # back in the items' order
 
 
 def test_a_timing_in_one_process_is_not_refused(monkeypatch):

@@ -155,6 +155,32 @@ def test_incumbent_is_plain_tome_reaching_the_aim_when_timed(monkeypatch):
     assert r.startswith("r=[") and "keep_rate" not in r and "method" not in r
 
 
+def test_a_missed_timing_jumps_to_the_strength_its_efficiency_predicts(monkeypatch):
+    # Efficiency 0.6: the member with the aim's MAC ratio misses by far. The next timing goes to the
+    # weakest member predicted to reach the aim, then down one at a time: few timings, same answer.
+    _fake_device(monkeypatch, efficiency=0.6)
+    s = _search(make_model("vit", depth=6), speedup=1.3, step=1)
+    timed = []
+    real = s.measure
+    monkeypatch.setattr(s, "measure", lambda cand, again=False: timed.append(cand.setting) or real(cand, again))
+    held = s.incumbent("tome", "")
+    assert held.throughput_ratio >= s.aim
+    per_family = {}
+    for text in timed:
+        family = "constant" if len(set(parse_setting(text)["r"])) == 1 else "ramp"
+        per_family.setdefault(family, []).append(text)
+    for family, texts in per_family.items():
+        assert len(texts) <= 3, (family, texts)
+        strengths = [parse_setting(t)["r"][0] for t in texts]
+        assert strengths[1] - strengths[0] > 1, strengths  # a jump, not one strength at a time
+    # The same weakest member as timing one strength at a time would find.
+    for family in per_family:
+        k = next(k for k in range(1, 64) if s.journal.timings.get(plain(family, k, 6, (0,) * 6, 0.0).text("tome", ""),
+                                                                     {}).get("throughput_ratio", 0) >= s.aim)
+        weaker = plain(family, k - 1, 6, (0,) * 6, 0.0).text("tome", "")
+        assert s.journal.timings[weaker]["throughput_ratio"] < s.aim
+
+
 def test_a_budget_stop_returns_the_incumbent_not_an_unfinished_point(monkeypatch):
     import tokenslim.tune as tune_module
 

@@ -124,17 +124,16 @@ def tune(model: nn.Module, data: Dataset, speedup: Optional[float] = 1.5, max_dr
         A :class:`TuneResult`; ``result.setting`` is settings text.
     """
     _check_arguments(speedup, max_drop, step, budget_min, confirm, finalists, confirm_z, margin)
-    search, prune_ok = _search_space(model, search, progress)
-    aim = speedup * (1 + margin) if speedup is not None else None
     from ..methods import get_method
+    from ..ranks import current
 
+    ranks = current()  # under torchrun only rank 0 speaks; every rank searches alike
+    say = (progress or (lambda msg: None)) if ranks.is_main else (lambda msg: None)
+    search, prune_ok = _search_space(model, search, say)
+    aim = speedup * (1 + margin) if speedup is not None else None
     for m in methods:
         get_method(m)
     method_options = dict(method_options or {})
-    from ..ranks import current
-
-    ranks = current()
-    say = (progress or (lambda msg: None)) if ranks.is_main else (lambda msg: None)
     start = time.perf_counter()
     deadline = start + 60.0 * budget_min
     run = fingerprint(model, data, target=speedup, max_drop=max_drop, methods=list(methods), step=step,
