@@ -83,6 +83,15 @@ elif mode == "timing":
     # 9 items in blocks of 2: rank 0 holds 0, 1, 4, 5, 8 and rank 1 holds 2, 3, 6, 7.
     own = torch.tensor([float(i) for i in shard_indices(9, info.rank, 2, 2)])
     report["gathered"] = gather_rows(own, 9, info, 2).tolist()
+    # Fewer batches than ranks: rank 1's shard is empty, and reusing its (empty) reference outputs
+    # still gives every rank the paired result.
+    from tokenslim.evaluate import evaluate
+
+    few = fx.data(5)
+    kw = dict(batch_size=8, num_workers=0, progress=False)
+    ref = evaluate(fx.model(), few, keep_logits=True, **kw).logits
+    paired = evaluate(fx.model(), few, reference_logits=ref, **kw)
+    report["empty_shard"] = [ref.shape[0], paired.agreement, paired.images]
 report["appended"] = len(appended)
 with open(os.path.join(out, f"rank{info.rank}.json"), "w") as f:
     json.dump(report, f)

@@ -95,6 +95,7 @@ def test_a_timing_under_torchrun_is_taken_alone_or_refused_and_rank_0_decides_fo
     assert ranks[1]["threads_inside"] is None  # it computed nothing during the timing
     assert ranks[0]["error"] == ranks[1]["error"] == "sweep.jsonl holds rows of another run"
     assert ranks[0]["gathered"] == ranks[1]["gathered"] == list(range(9))  # back in the items' order
+    assert ranks[0]["empty_shard"] == [5, 100.0, 5] and ranks[1]["empty_shard"] == [0, 100.0, 5]
 
 
 def test_a_timing_in_one_process_is_not_refused(monkeypatch):

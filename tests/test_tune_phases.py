@@ -171,8 +171,10 @@ def test_a_missed_timing_jumps_to_the_strength_its_efficiency_predicts(monkeypat
         per_family.setdefault(family, []).append(text)
     for family, texts in per_family.items():
         assert len(texts) <= 3, (family, texts)
-        strengths = [parse_setting(t)["r"][0] for t in texts]
-        assert strengths[1] - strengths[0] > 1, strengths  # a jump, not one strength at a time
+    strengths = [parse_setting(t)["r"][0] for t in per_family["constant"]]  # the family timed first
+    assert strengths[1] - strengths[0] > 1, strengths  # a jump, not one strength at a time
+    # The ramp starts where the constant family's efficiency says: its first timing reaches the aim.
+    assert s.journal.timings[per_family["ramp"][0]]["throughput_ratio"] >= s.aim
     # The same weakest member as timing one strength at a time would find.
     for family in per_family:
         k = next(k for k in range(1, 64) if s.journal.timings.get(plain(family, k, 6, (0,) * 6, 0.0).text("tome", ""),

@@ -159,8 +159,8 @@ def evaluate(
                      seconds=time.perf_counter() - start, world_size=info.world_size, device=str(device),
                      precision=precision, settings=model.tokenslim.as_dict() if hasattr(model, "tokenslim") else {},
                      versions=_versions())
-    if keep_logits:
-        result.logits = torch.cat(kept) if kept else None
+    if keep_logits:  # an empty shard (more ranks than batches) keeps no rows, but keeps them all the same
+        result.logits = torch.cat(kept) if kept else torch.empty(0, 0)
     return result
 
 

@@ -4,12 +4,14 @@ the contest at the measured aim.
 
 A mixin of :class:`~tokenslim.tune.search.Search`: it reads the
 :class:`~tokenslim.tune.scoring.Scorer` (``assess``, ``gmacs_of``, ``measure``), the search's
-``aim``, ``depth`` and ``search``, and sets ``incumbent_point``; the contest refines a plain
+``aim``, ``depth`` and ``search``, sets ``incumbent_point`` and adds to ``efficiencies`` (every
+plain schedule's measured speed-up over its MAC ratio, which aims the next timing); the contest refines a plain
 winner with :meth:`~tokenslim.tune.refine.Refine.refine`.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Callable, Optional, Tuple
 
 from .record import Candidate
@@ -29,8 +31,10 @@ class PlainSchedules:
             return None
         best = None
         for family in PLAIN_FAMILIES:
+            # The first family starts from counted MACs; the next from the efficiency timed so far.
+            efficiency = self.plain_efficiency()
             found = self.weakest_plain(method, extra, family, (0,) * self.depth, 0.0, "incumbent",
-                                       lambda g: self.base_gmacs / g >= self.aim * 0.97)
+                                       lambda g: self.base_gmacs / g * efficiency >= self.aim * 0.97)
             if found is None:
                 continue
             reached = self._weakest_timed(method, extra, family, (0,) * self.depth, 0.0, found[0], math.inf,
@@ -128,13 +132,20 @@ class PlainSchedules:
             if reached is None and k != start and cand.kl >= to_beat:
                 break  # going up, it cannot win: stronger members lose even more
             measured = self.measure(cand)
+            self.efficiencies.append(measured / cand.mac_ratio)
             if measured >= self.aim:
                 reached, k = (trial, cand), k - 1
             elif reached is not None:
                 break
             else:
-                k = self._predicted(method, extra, family, keep, mlp, k, measured / cand.mac_ratio)
+                k = self._predicted(method, extra, family, keep, mlp, k, self.plain_efficiency())
         return reached
+
+    def plain_efficiency(self) -> float:
+        """The median measured efficiency (speed-up / MAC ratio) of the plain schedules timed so
+        far, 1 before any: one timing drifts by several percent on a shared machine, the median
+        of several much less."""
+        return statistics.median(self.efficiencies) if self.efficiencies else 1.0
 
     def _predicted(self, method: str, extra: str, family: str, keep: Tuple[int, ...], mlp: float, k: int,
                    efficiency: float) -> int:

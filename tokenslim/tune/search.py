@@ -25,7 +25,7 @@ Each phase reads and returns points and candidates; the state they share is set 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -79,6 +79,7 @@ class Search(Scorer, Walk, Refine, PlainSchedules):
         self.depth = len(model.blocks)
         self.merge_step = step
         self.incumbent_point: Optional[Point] = None
+        self.efficiencies: List[float] = []  # measured speed-up / MAC ratio of each plain schedule timed
         self.stale: Dict[str, Dict[Tuple[Any, ...], Tuple[float, float]]] = {}
 
     def warm_start(self, method: str, extra: str, held: Candidate,
