@@ -90,9 +90,18 @@ def run_tune_cmd(args: argparse.Namespace):
         confirm=args.confirm, finalists=args.finalists, confirm_z=args.confirm_z, seed=args.seed,
     )
     if not info.is_main:
+        on_main(lambda: None, info)  # rank 0 says the result (and any miss) before a rank exits
         if result.reached is False and not args.allow_miss:
             raise SystemExit(3)
         return result
+    try:
+        return _report(args, result)
+    finally:
+        on_main(lambda: None, info)
+
+
+def _report(args: argparse.Namespace, result):
+    """Rank 0's account of the result; ``SystemExit(3)`` on a missed target unless ``--allow-miss``."""
     b = result.best
     goal = f"target {result.target}x" if result.target else f"drop budget {result.max_drop} points"
     acc = f", top-1 {b.top1:.2f} ({b.top1_diff:+.2f})" if b.top1 is not None else ""
